@@ -1,0 +1,24 @@
+"""pm_kernels: Prune-and-Merge token compression for timm Vision Transformers, on fused kernels.
+
+    import timm, pm_kernels
+    model = pm_kernels.patch_timm(timm.create_model("deit_small_patch16_224"))
+    scores = pm_kernels.calibrate(model, batches)          # SPEC §3, inside the fused attention backward
+    pm_kernels.compress(model, scores, keep_rate=0.6)       # SPEC §2, §4
+"""
+from . import models  # noqa: F401  (registers the pm_* timm models)
+from .attention import attention
+from .backends import backends
+from .block import fused_block
+from .calibrate import calibrate
+from .compress import compress
+from .patch import PMAttention, PMBlock, is_patched, patch_timm, set_backend
+from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
+from .token_ops import merge, reconstruct, reconstruct_merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
+    "is_patched", "LayerStructure", "merge", "patch_timm", "PMAttention", "PMBlock", "reconstruct",
+    "reconstruct_merge", "search_structure", "set_backend",
+]

@@ -1,0 +1,97 @@
+"""Pure-PyTorch reference of every pm_kernels op.
+
+This file is the ground truth: every Triton / CUDA kernel is tested against it, and the
+``backend="torch"`` path runs it. It favours readability over speed, and takes no
+input checks (the public ops in ``pm_kernels.attention`` / ``pm_kernels.token_ops`` do).
+
+Shapes: ``x`` (B, N, C) all tokens, ``z`` (B, K, C) merged tokens, ``M`` (K, N),
+``R`` (N, K), ``keep_mask`` bool (N,) with True = kept, False = pruned.
+M and R are cast to the activation dtype, as autocast would do for a matmul.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "attention_reference",
+    "merge_reference",
+    "reconstruct_reference",
+    "reconstruct_merge_reference",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half inputs are computed in fp32 so the reference is the accurate side of a comparison.
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _AttentionWithScore(torch.autograd.Function):
+    """softmax(q kᵀ · scale) v, whose backward adds Σ_{b,h,q} P ⊙ dP per key into ``score``.
+
+    P is kept in memory (B·H·N·N): this is the authors' eager way, used as the reference.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, score: Optional[torch.Tensor]):
+        cdt = _compute_dtype(q.dtype)
+        qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+        probs = torch.softmax((qc @ kc.transpose(-2, -1)) * scale, dim=-1)
+        out = probs @ vc
+        ctx.save_for_backward(qc, kc, vc, probs)
+        ctx.scale = scale
+        ctx.score = score
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qc, kc, vc, probs = ctx.saved_tensors
+        d_out = grad_out.to(qc.dtype)
+        d_probs = d_out @ vc.transpose(-2, -1)                                   # dP = dO Vᵀ
+        d_v = probs.transpose(-2, -1) @ d_out                                    # dV = Pᵀ dO
+        d_logits = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))  # dS = P ⊙ (dP − rowsum(P ⊙ dP))
+        d_q = (d_logits @ kc) * ctx.scale
+        d_k = (d_logits.transpose(-2, -1) @ qc) * ctx.scale
+        if ctx.score is not None:
+            # Gradient-weighted attention score (SPEC §3): A ⊙ dA = P ⊙ dP, summed over b, h, q.
+            ctx.score.add_((probs * d_probs).sum(dim=(0, 1, 2)).to(ctx.score.dtype))
+        q_dt, k_dt, v_dt = ctx.in_dtypes
+        return d_q.to(q_dt), d_k.to(k_dt), d_v.to(v_dt), None, None
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    score: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention over (B, H, N, D) inputs; ``score`` (N,) float32 is added to in backward."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _AttentionWithScore.apply(q, k, v, float(scale), score)
+
+
+def merge_reference(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """z = M @ x: (K, N) × (B, N, C) → (B, K, C)."""
+    return torch.matmul(M.to(x.dtype), x)
+
+
+def reconstruct_reference(
+    z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor
+) -> torch.Tensor:
+    """out = R @ z + (1 − m) ⊙ x: merged tokens spread back, pruned tokens pass by the shortcut."""
+    pruned = (~keep_mask).to(x.dtype).unsqueeze(-1)  # (N, 1), broadcast over B and C
+    return torch.matmul(R.to(z.dtype), z) + pruned * x
+
+
+def reconstruct_merge_reference(
+    z: torch.Tensor,
+    R: torch.Tensor,
+    x: torch.Tensor,
+    keep_mask: torch.Tensor,
+    M_next: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block boundary: x' = R z + (1 − m) ⊙ x, then z' = M_next x'. Returns (x', z')."""
+    x_next = reconstruct_reference(z, R, x, keep_mask)
+    return x_next, merge_reference(x_next, M_next)
