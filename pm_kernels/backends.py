@@ -6,7 +6,9 @@
   ``TRITON_INTERPRET=1`` (slow: for tests).
 - ``torch``: the pure-PyTorch reference (``pm_kernels.reference``), always available.
 
-``backend="auto"`` picks the first one available for the tensors' device, in the op's own order.
+``backend="auto"`` picks the first native backend available for CUDA tensors, in the op's own order, and
+``torch`` for CPU tensors: there the reference's BLAS matmuls beat the extension's plain C++ loops and the
+Triton interpreter, which exist to be tested (force them with ``backend="cuda"`` / ``"triton"``).
 """
 import functools
 import importlib
@@ -72,7 +74,7 @@ def select(backend: str, device: torch.device, supported: Sequence[str], auto_or
         raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}")
     if backend == "auto":
         for name in auto_order:
-            if name in supported and usable(name, device):
+            if name in supported and (device.type == "cuda" or name == "torch") and usable(name, device):
                 return name
         return "torch"
     if backend not in supported:
