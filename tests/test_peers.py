@@ -1,0 +1,201 @@
+"""Peers for the side-by-side benchmark (bench/peers): ToMe, EViT, and the analytic FLOPs counter."""
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.peers import (default_locations, dense_flops, dims_from_config, evit_flops,  # noqa: E402
+                         match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, pm_flops,
+                         pm_flops_from_counts, tome_flops, vit_flops)
+from bench.peers.flops import evit_token_counts, tome_token_counts  # noqa: E402
+from bench.peers.tome import bipartite_soft_matching, merge_wavg  # noqa: E402
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+N_TINY = 1 + (32 // 4) ** 2   # 65
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return VisionTransformer(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+def test_tome_r0_equals_dense(tiny, images):
+    with torch.no_grad():
+        ref = tiny(images)
+        out = patch_tome(copy.deepcopy(tiny), r=0)(images)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_evit_keep1_equals_dense(tiny, images):
+    with torch.no_grad():
+        ref = tiny(images)
+        out = patch_evit(copy.deepcopy(tiny), keep_rate=1.0)(images)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_leaves_parameters_alone(tiny):
+    names = [n for n, _ in tiny.named_parameters()]
+    assert [n for n, _ in patch_tome(copy.deepcopy(tiny), 4).named_parameters()] == names
+    assert [n for n, _ in patch_evit(copy.deepcopy(tiny), 0.5).named_parameters()] == names
+    patch_tome(copy.deepcopy(tiny), 4).load_state_dict(tiny.state_dict())   # dense checkpoint loads
+
+
+# ------------------------------------------------------------------------------------------- token counts
+@pytest.mark.parametrize("r", [0, 3, 8, [10, 0, 5, 40], 100])
+def test_tome_token_counts_match_schedule(tiny, images, r):
+    model = patch_tome(copy.deepcopy(tiny), r)
+    with torch.no_grad():
+        out = model(images)
+    assert out.shape == (2, 10)
+    expected = [n_mlp for _, n_mlp in tome_token_counts(N_TINY, 4, r)]
+    assert model._tome_info["tokens"] == expected
+    if r == 8:
+        assert expected == [57, 49, 41, 33]
+
+
+@pytest.mark.parametrize("keep,locations", [(0.7, None), (0.5, [1, 3]), ([0.9, 0.3], [0, 2]), (0.05, [0])])
+def test_evit_token_counts_match_schedule(tiny, images, keep, locations):
+    model = patch_evit(copy.deepcopy(tiny), keep, locations)
+    with torch.no_grad():
+        out = model(images)
+    assert out.shape == (2, 10)
+    locs = default_locations(4) if locations is None else locations
+    expected = [n_mlp for _, n_mlp in evit_token_counts(N_TINY, 4, keep, locs)]
+    assert model._evit_info["tokens"] == expected
+
+
+def test_evit_default_locations():
+    assert default_locations(12) == [3, 6, 9]
+    assert evit_token_counts(197, 12, 0.7, [3, 6, 9])[3] == (197, 1 + 138 + 1)   # ceil(0.7·196 = 137.2)
+    assert evit_token_counts(197, 12, 0.5, [3, 6, 9])[3] == (197, 1 + 98 + 1)
+
+
+# ------------------------------------------------------------------------------------------ merge details
+def test_tome_merge_is_size_weighted_and_protects_cls():
+    torch.manual_seed(2)
+    x = torch.randn(3, 11, 5, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, 11, 1)).double()
+    merge = bipartite_soft_matching(torch.randn(3, 11, 4, dtype=torch.float64), r=4, protect_first=1)
+    y, s = merge_wavg(merge, x, size)
+    assert y.shape == (3, 7, 5) and s.shape == (3, 7, 1)
+    torch.testing.assert_close(s.sum(1), size.sum(1))                      # sizes add up
+    torch.testing.assert_close((y * s).sum(1), (x * size).sum(1))          # mass is conserved
+    torch.testing.assert_close(y[:, 0], x[:, 0])                           # CLS untouched, first
+    assert bipartite_soft_matching(torch.randn(1, 3, 4), r=5) is not None  # clipped to (3-1)//2 = 1
+    assert bipartite_soft_matching(torch.randn(1, 2, 4), r=5) is None      # nothing left to merge
+
+
+def test_tome_merges_the_most_similar_pair():
+    # tokens after CLS alternate A, B, A, B; A token 3 is B token 4's twin: that pair goes first.
+    metric = torch.tensor([[[1., 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]])
+    x = torch.arange(5.).view(1, 5, 1)
+    y, s = merge_wavg(bipartite_soft_matching(metric, r=1), x, None)
+    # out: CLS, unmerged A (token 1), B tokens (2, 4 merged with 3)
+    torch.testing.assert_close(y.flatten(), torch.tensor([0., 1., 2., 3.5]))
+    torch.testing.assert_close(s.flatten(), torch.tensor([1., 1., 1., 2.]))
+
+
+def test_evit_fused_token_is_cls_attention_weighted(tiny):
+    model = patch_evit(copy.deepcopy(tiny), 0.5, [0])
+    blk = model.blocks[0]
+    x = torch.randn(1, 5, 48)
+    a = torch.tensor([[0.2, 0.1, 0.4, 0.05, 0.25]])        # CLS attention over CLS + 4 patches
+    y = blk._reorganise(x, a, 0.5)                           # keep 2 of 4 patches: 2 (0.4) and 4 (0.25)
+    torch.testing.assert_close(y[:, 0], x[:, 0])
+    torch.testing.assert_close(y[:, 1:3], x[:, [2, 4]])      # raster order
+    torch.testing.assert_close(y[:, 3], 0.1 * x[:, 1] + 0.05 * x[:, 3])
+
+
+@pytest.mark.parametrize("patch", ["tome", "evit"])
+def test_peers_train(tiny, images, patch):
+    model = copy.deepcopy(tiny).train()
+    model = patch_tome(model, 8) if patch == "tome" else patch_evit(model, 0.5)
+    model(images).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def test_flops_deit_small_by_hand():
+    N, C, L = 197, 384, 12
+    block = 3 * N * C * C + 2 * N * N * C + N * C * C + 8 * N * C * C
+    by_hand = (196 * 768 * C + L * block + C * 1000) / 1e9
+    got = dense_flops(dims_from_config(224, 16, 384, 12, 6))
+    assert got == pytest.approx(by_hand, rel=1e-12)
+    assert got == pytest.approx(4.6, abs=0.05)                       # DeiT-S "4.6 GFLOPs" (1 MAC = 1 FLOP)
+    assert dense_flops(dims_from_config(224, 16, 384, 12, 6), mac_factor=2) == pytest.approx(2 * by_hand)
+    assert dense_flops(dims_from_config(224, 16, 192, 12, 3)) == pytest.approx(1.3, abs=0.06)
+    assert dense_flops(dims_from_config(224, 16, 768, 12, 12)) == pytest.approx(17.6, abs=0.1)
+
+
+def test_flops_tiny_config_by_hand(tiny):
+    N, C = 65, 48
+    block = 3 * N * C * C + 2 * N * N * C + N * C * C + 2 * N * C * 4 * C
+    by_hand = (64 * 48 * C + 4 * block + C * 10) / 1e9
+    assert dense_flops(tiny) == pytest.approx(by_hand, rel=1e-12)
+    # per-layer counts: attention on n_attn, MLP on n_mlp
+    n_a, n_m = 65, 40
+    blk = 3 * n_a * C * C + 2 * n_a * n_a * C + n_a * C * C + 8 * n_m * C * C
+    assert vit_flops(tiny, [65, 65, 65, (n_a, n_m)]) == pytest.approx(by_hand - (block - blk) / 1e9, rel=1e-12)
+
+
+def test_flops_tome_evit_by_counts(tiny):
+    d = tiny
+    assert tome_flops(d, 0) == pytest.approx(dense_flops(d))
+    assert evit_flops(d, 1.0, [1, 2]) == pytest.approx(dense_flops(d))
+    assert tome_flops(d, 8, include_overheads=False) == pytest.approx(vit_flops(d, tome_token_counts(65, 4, 8)))
+    assert tome_flops(d, 8) > tome_flops(d, 8, include_overheads=False)
+
+
+def test_pm_flops_reads_block_M(tiny):
+    model = copy.deepcopy(tiny)
+    ks = [65, 40, 30, 20]
+    for blk, k in zip(model.blocks, ks):
+        blk.M = torch.nn.Parameter(torch.zeros(k, N_TINY))
+        blk.R = torch.nn.Parameter(torch.zeros(N_TINY, k))
+    C = 48
+    extra = sum(2 * k * N_TINY * C for k in ks) / 1e9
+    assert pm_flops(model) == pytest.approx(vit_flops(tiny, ks) + extra, rel=1e-12)
+    assert pm_flops(model, include_overheads=False) == pytest.approx(vit_flops(tiny, ks))
+    assert pm_flops(tiny) == pytest.approx(dense_flops(tiny))           # no M: dense blocks
+    model.blocks[0].R = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="block 0"):
+        pm_flops(model)
+
+
+def test_pm_flops_on_compressed_model(tiny):
+    pm_kernels = pytest.importorskip("pm_kernels")
+    model = copy.deepcopy(tiny)
+    scores = torch.rand(4, N_TINY - 1, generator=torch.Generator().manual_seed(0)) + 0.01
+    pm_kernels.compress(model, scores, keep_rate=0.6, prune_rate=0.1)
+    ks = [int(b.M.shape[0]) for b in model.blocks]
+    assert all(k < N_TINY for k in ks)
+    assert pm_flops(model) == pytest.approx(pm_flops_from_counts(tiny, ks))
+    assert pm_flops(model) < dense_flops(tiny)
+
+
+# ---------------------------------------------------------------------------------------- FLOPs matching
+@pytest.mark.parametrize("name,dim,heads", [("T", 192, 3), ("S", 384, 6), ("B", 768, 12)])
+@pytest.mark.parametrize("keep", [0.6, 0.4])
+def test_matching_lands_on_target(name, dim, heads, keep):
+    d = dims_from_config(224, 16, dim, 12, heads)
+    target = pm_flops_from_counts(d, [1 + round(keep * 196)] * 12)
+    r, g = match_tome_r(d, target)
+    assert g == pytest.approx(tome_flops(d, r)) and g == pytest.approx(target, rel=0.02)
+    keep_rate, g = match_evit_keep_rate(d, target, [3, 6, 9])
+    assert g == pytest.approx(evit_flops(d, keep_rate, [3, 6, 9])) and g == pytest.approx(target, rel=0.02)
+    r_const, g_const = match_tome_r(d, target, constant=True)
+    assert isinstance(r_const, int) and g_const == pytest.approx(target, rel=0.05)
