@@ -1,0 +1,433 @@
+"""FlashAttention-2 style Triton attention whose backward can emit the gradient-weighted token score.
+
+Forward: online softmax over key blocks, never materialising the N×N matrix; saves the row log-sum-exp
+(LSE, fp32, natural log) next to the output.
+
+Backward (three launches, all deterministic, no atomics):
+
+1. ``_attn_bwd_preprocess``: Δ = rowsum(dO ⊙ O) (fp32).
+2. ``_attn_bwd_dkdv_kernel``: key-block-major; each program owns one key block of one (b, h), loops over
+   every query block, recomputes P from the LSE and accumulates dK, dV and, with ``HAS_SCORE``, the per-key
+   Σ_q P[q,k]·dP[q,k] (dP = dO Vᵀ, *not* dS) in registers. It stores one partial per (b·h, key); the
+   partials are summed over b·h by torch and added into ``score``.
+3. ``_attn_bwd_dq_kernel``: query-block-major; dQ = Σ_k dS K · scale.
+
+q, k, v, dO are read through their strides (so timm's ``qkv.reshape(B,N,3,H,D).permute(2,0,3,1,4)``
+views need no copy); O, dQ, dK, dV are allocated contiguous (B, H, N, D). Head dims 32, 64, 128; fp32,
+fp16, bf16. fp32 dots use TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` is set.
+
+Under ``TRITON_INTERPRET=1`` (the CPU test mode) the kernels run one fixed config and upcast every dot
+operand to fp32 (the interpreter's half-precision ``tl.dot`` is wrong); on a GPU they are autotuned.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_DTYPES",
+    "check_triton_inputs",
+    "attention_fwd",
+    "attention_bwd",
+    "TritonAttentionFunction",
+    "triton_attention",
+]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+# Fixed block sizes used under the interpreter (small: the interpreter is slow, and several key/query
+# blocks per test shape exercise the masking and the online softmax).
+_INTERPRET_BLOCK = 32
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Allocation point of every kernel output (tests replace it with a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _rne_bf16(x):
+    """fp32 -> nearest bf16 value (still fp32). The interpreter's bf16 store truncates; the GPU rounds."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE += pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N
+
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        # Logits in log2 units; out-of-range keys get -inf. Every key block holds at least one valid key,
+        # so m_new is finite and no exp2(-inf - -inf) = NaN can appear.
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural-log LSE of the scaled logits
+    if UPCAST:
+        if O.dtype.element_ty == tl.bfloat16:
+            acc = _rne_bf16(acc)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(LSE + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    Delta += pid_bh.to(tl.int64) * N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N
+    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, SP,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCORE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += pid_bh.to(tl.int64) * N
+    Delta += pid_bh.to(tl.int64) * N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < N
+
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    sc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m0
+        mask_m = rows < N
+        q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None],
+                     other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
+
+        # Transposed tiles: [BLOCK_N (keys), BLOCK_M (queries)].
+        qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
+        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+        pT = tl.where(mask_n[:, None] & mask_m[None, :], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)   # dPᵀ = V dOᵀ
+        if HAS_SCORE:
+            sc += tl.sum(pT * dpT, 1)                                      # Σ_q P ⊙ dP, per key
+        dsT = pT * (dpT - delta[None, :])                                  # dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)
+
+    dk = dk * sm_scale
+    if UPCAST:
+        if DK.dtype.element_ty == tl.bfloat16:
+            dk = _rne_bf16(dk)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
+    if UPCAST:
+        if DV.dtype.element_ty == tl.bfloat16:
+            dv = _rne_bf16(dv)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+    if HAS_SCORE:
+        tl.store(SP + pid_bh.to(tl.int64) * N + offs_n, sc, mask=mask_n)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    LSE += pid_bh.to(tl.int64) * N
+    Delta += pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N
+
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n0
+        mask_n = cols < N
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+
+    dq = dq * sm_scale
+    if UPCAST:
+        if DQ.dtype.element_ty == tl.bfloat16:
+            dq = _rne_bf16(dq)
+    tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ------------------------------------------------------------------------------------------- autotune
+
+def _configs(pairs, warps=(4, 8), stages=(2, 3, 4)):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn in pairs for w in warps for s in stages]
+
+
+if _INTERPRET:
+    _fwd_launch = _attn_fwd_kernel
+    _dkdv_launch = _attn_bwd_dkdv_kernel
+    _dq_launch = _attn_bwd_dq_kernel
+    _BLOCK_KW = {"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_BLOCK}
+else:
+    # Tuned per (sequence length, head dim); the autotuner adds the tensors' dtypes to the key. Every
+    # kernel only stores (never accumulates into) its outputs, so the autotuner's repeated runs are harmless.
+    _fwd_launch = triton.autotune(
+        configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)]), key=["N", "HEAD_DIM"],
+    )(_attn_fwd_kernel)
+    _dkdv_launch = triton.autotune(
+        configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)], stages=(2, 3)), key=["N", "HEAD_DIM"],
+    )(_attn_bwd_dkdv_kernel)
+    _dq_launch = triton.autotune(
+        configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)], stages=(2, 3)), key=["N", "HEAD_DIM"],
+    )(_attn_bwd_dq_kernel)
+    _BLOCK_KW = {}
+
+_PRE_BLOCK = 64
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for half-precision operands
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+def check_triton_inputs(q: torch.Tensor) -> None:
+    """Raise ValueError unless the Triton kernels support q's dtype and head dim (k, v are checked like q)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: the triton attention backend supports dtypes float32, float16, bfloat16, "
+                         f"got {str(q.dtype).replace('torch.', '')} (use backend='torch')")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: the triton attention backend supports head dims "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
+
+
+def triton_supports(q: torch.Tensor) -> bool:
+    return q.dtype in SUPPORTED_DTYPES and q.dim() == 4 and q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B,H,N,D) contiguous, lse (B,H,N) fp32, natural log of Σ_k exp(q·k·scale))."""
+    check_triton_inputs(q)
+    B, H, N, D = q.shape
+    out = _new_buffer((B, H, N, D), q.dtype, q.device)
+    lse = _new_buffer((B, H, N), torch.float32, q.device)
+    if B * H * N == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_launch[grid](
+        q, k, v, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, N, float(scale) * _LOG2E,
+        HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=_input_precision(q.dtype), **_BLOCK_KW,
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, scale: float,
+                  score: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each contiguous (B,H,N,D); adds Σ_{b,h,q} P⊙dP per key into ``score`` if given."""
+    check_triton_inputs(q)
+    B, H, N, D = q.shape
+    dq = _new_buffer((B, H, N, D), q.dtype, q.device)
+    dk = _new_buffer((B, H, N, D), k.dtype, k.device)
+    dv = _new_buffer((B, H, N, D), v.dtype, v.device)
+    if B * H * N == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)
+    lse = lse.contiguous()
+    delta = _new_buffer((B, H, N), torch.float32, q.device)
+    has_score = score is not None
+    partial = _new_buffer((B * H, N), torch.float32, q.device) if has_score else delta  # dummy if unused
+    precision = _input_precision(q.dtype)
+
+    _attn_bwd_preprocess[(triton.cdiv(N, _PRE_BLOCK), B * H)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N,
+        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK,
+    )
+    grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _dkdv_launch[grid_n](
+        q, k, v, grad_out, lse, delta, dk, dv, partial,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        H, N, float(scale) * _LOG2E, float(scale),
+        HEAD_DIM=D, HAS_SCORE=has_score, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
+    )
+    grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _dq_launch[grid_m](
+        q, k, v, grad_out, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        H, N, float(scale) * _LOG2E, float(scale),
+        HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
+    )
+    if has_score:
+        score.add_(partial.sum(dim=0))  # deterministic reduction over (b, h)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------- autograd
+
+class TritonAttentionFunction(torch.autograd.Function):
+    """Eager autograd wrapper of the kernels (``pm_kernels.attention`` goes through the torch.library op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, score: Optional[torch.Tensor]):
+        out, lse = attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.score = score
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.score)
+        return dq, dk, dv, None, None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                     score: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v over (B, H, N, D) inputs with the Triton kernels (no input checks beyond
+    dtype / head dim: ``pm_kernels.attention`` does them). ``score`` (N,) fp32 is added to in backward."""
+    check_triton_inputs(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return TritonAttentionFunction.apply(q, k, v, float(scale), score)
