@@ -1,0 +1,209 @@
+// pm_kernels native ops: schemas, CPU kernels, Meta (shape-only) kernels and the Python module.
+// The CUDA kernels live in pm_ops_cuda.cu and register themselves under DispatchKey::CUDA.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "pm_ops.h"
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+namespace pm_kernels {
+namespace {
+
+// ---- CPU kernels --------------------------------------------------------------------------------
+
+// out[b, i, c] = Σ_j W[i·si + j·sj] · y[b, j, c]  (+ add[b, i, c] where keep is null or keep[i] is false)
+// W is in the accumulation type; y, add and out are contiguous (B, ·, C).
+template <typename scalar_t, typename acc_t>
+void apply_cpu(const acc_t* W, int64_t si, int64_t sj, int64_t I, int64_t J, const scalar_t* y, int64_t B,
+               int64_t C, const scalar_t* add, const bool* keep, scalar_t* out) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, J * C));
+  at::parallel_for(0, B * I, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(C));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / I, i = r % I;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < J; ++j) {
+        const acc_t w = W[i * si + j * sj];
+        const scalar_t* yr = y + (b * J + j) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(yr[c]);
+      }
+      scalar_t* o = out + r * C;
+      if (add != nullptr && (keep == nullptr || !keep[i])) {
+        const scalar_t* ar = add + r * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] + static_cast<acc_t>(ar[c]));
+      } else {
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// The matrix operand in the accumulation dtype, contiguous.
+at::Tensor acc_matrix(const at::Tensor& W, at::ScalarType act) {
+  return W.to(acc_dtype(act)).contiguous();
+}
+
+// out = W y (+ add ⊙ pruned rows), or Wᵀ y when `transpose`; y (B, J, C) → out (B, I, C).
+at::Tensor apply_dispatch_cpu(const at::Tensor& W_in, bool transpose, const at::Tensor& y_in,
+                              const at::Tensor* add_in, const at::Tensor* keep_in) {
+  const at::Tensor y = y_in.contiguous();
+  const at::Tensor W = acc_matrix(W_in, y.scalar_type());
+  const int64_t I = transpose ? W.size(1) : W.size(0);
+  const int64_t J = transpose ? W.size(0) : W.size(1);
+  const int64_t si = transpose ? 1 : W.size(1);
+  const int64_t sj = transpose ? W.size(1) : 1;
+  const int64_t B = y.size(0), C = y.size(2);
+  TORCH_CHECK(y.size(1) == J, "pm_kernels: internal shape mismatch");
+  at::Tensor out = at::empty({B, I, C}, y.options());
+  at::Tensor add, keep;
+  if (add_in != nullptr) add = add_in->contiguous();
+  if (keep_in != nullptr) keep = keep_in->contiguous();
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pm_kernels_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    apply_cpu<scalar_t, acc_t>(W.data_ptr<acc_t>(), si, sj, I, J, y.data_ptr<scalar_t>(), B, C,
+                               add.defined() ? add.data_ptr<scalar_t>() : nullptr,
+                               keep.defined() ? keep.data_ptr<bool>() : nullptr, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor merge_fwd_cpu(const at::Tensor& x, const at::Tensor& M) {
+  check_merge(x, M);
+  return apply_dispatch_cpu(M, false, x, nullptr, nullptr);
+}
+
+at::Tensor reconstruct_fwd_cpu(const at::Tensor& z, const at::Tensor& R, const at::Tensor& x,
+                               const at::Tensor& keep) {
+  check_reconstruct(z, R, x, keep);
+  return apply_dispatch_cpu(R, false, z, &x, &keep);
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_merge_fwd_cpu(const at::Tensor& z, const at::Tensor& R,
+                                                             const at::Tensor& x, const at::Tensor& keep,
+                                                             const at::Tensor& M_next) {
+  check_reconstruct(z, R, x, keep);
+  check_merge(x, M_next);
+  at::Tensor x_next = apply_dispatch_cpu(R, false, z, &x, &keep);
+  // z' is computed from x' as stored (in x's dtype), so it equals merge_fwd(x', M_next).
+  at::Tensor z_next = apply_dispatch_cpu(M_next, false, x_next, nullptr, nullptr);
+  return {x_next, z_next};
+}
+
+at::Tensor transposed_apply_cpu(const at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& addend) {
+  check_transposed_apply(W, g, addend);
+  const bool has_add = addend.has_value() && addend->defined();
+  return apply_dispatch_cpu(W, true, g, has_add ? &*addend : nullptr, nullptr);
+}
+
+// out[i, j] = Σ_b Σ_c g[b, i, c] · y[b, j, c]
+at::Tensor matrix_grad_cpu(const at::Tensor& g_in, const at::Tensor& y_in, at::ScalarType dtype) {
+  check_matrix_grad(g_in, y_in, dtype);
+  const at::Tensor g = g_in.contiguous(), y = y_in.contiguous();
+  const int64_t B = g.size(0), I = g.size(1), J = y.size(1), C = g.size(2);
+  at::Tensor out = at::empty({I, J}, g.options().dtype(acc_dtype(g.scalar_type())));
+  if (out.numel() == 0) return out.to(dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pm_kernels_matrix_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t* op = out.data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * C));
+    at::parallel_for(0, I * J, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = r / J, j = r % J;
+        acc_t acc = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* gr = gp + (b * I + i) * C;
+          const scalar_t* yr = yp + (b * J + j) * C;
+          for (int64_t c = 0; c < C; ++c) acc += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(yr[c]);
+        }
+        op[r] = acc;
+      }
+    });
+  });
+  return out.to(dtype);
+}
+
+// ---- Meta kernels (shapes only; symbolic sizes so torch.compile can trace with dynamic shapes) ---
+
+at::Tensor merge_fwd_meta(const at::Tensor& x, const at::Tensor& M) {
+  TORCH_CHECK(x.dim() == 3 && M.dim() == 2, "pm_kernels: merge_fwd expects x (B, N, C) and M (K, N)");
+  return at::empty_symint({x.sym_size(0), M.sym_size(0), x.sym_size(2)}, x.options());
+}
+
+at::Tensor reconstruct_fwd_meta(const at::Tensor& z, const at::Tensor& R, const at::Tensor& x,
+                                const at::Tensor& keep) {
+  TORCH_CHECK(x.dim() == 3 && z.dim() == 3 && R.dim() == 2 && keep.dim() == 1,
+              "pm_kernels: reconstruct_fwd expects z (B, K, C), R (N, K), x (B, N, C), keep_mask (N,)");
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_merge_fwd_meta(const at::Tensor& z, const at::Tensor& R,
+                                                              const at::Tensor& x, const at::Tensor& keep,
+                                                              const at::Tensor& M_next) {
+  TORCH_CHECK(x.dim() == 3 && z.dim() == 3 && R.dim() == 2 && keep.dim() == 1 && M_next.dim() == 2,
+              "pm_kernels: reconstruct_merge_fwd expects z (B, K, C), R (N, K), x (B, N, C), keep_mask (N,), "
+              "M_next (K', N)");
+  return {at::empty_symint(x.sym_sizes(), x.options()),
+          at::empty_symint({x.sym_size(0), M_next.sym_size(0), x.sym_size(2)}, x.options())};
+}
+
+at::Tensor transposed_apply_meta(const at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& addend) {
+  TORCH_CHECK(W.dim() == 2 && g.dim() == 3, "pm_kernels: transposed_apply expects W (I, J) and grad (B, I, C)");
+  return at::empty_symint({g.sym_size(0), W.sym_size(1), g.sym_size(2)}, g.options());
+}
+
+at::Tensor matrix_grad_meta(const at::Tensor& g, const at::Tensor& y, at::ScalarType dtype) {
+  TORCH_CHECK(g.dim() == 3 && y.dim() == 3, "pm_kernels: matrix_grad expects grad (B, I, C) and y (B, J, C)");
+  return at::empty_symint({g.sym_size(1), y.sym_size(1)}, g.options().dtype(dtype));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pm_kernels, m) {
+  m.def("merge_fwd(Tensor x, Tensor M) -> Tensor");
+  m.def("reconstruct_fwd(Tensor z, Tensor R, Tensor x, Tensor keep_mask) -> Tensor");
+  m.def("reconstruct_merge_fwd(Tensor z, Tensor R, Tensor x, Tensor keep_mask, Tensor M_next) -> (Tensor, Tensor)");
+  m.def("transposed_apply(Tensor W, Tensor grad, Tensor? addend) -> Tensor");
+  m.def("matrix_grad(Tensor grad, Tensor y, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pm_kernels, CPU, m) {
+  m.impl("merge_fwd", &merge_fwd_cpu);
+  m.impl("reconstruct_fwd", &reconstruct_fwd_cpu);
+  m.impl("reconstruct_merge_fwd", &reconstruct_merge_fwd_cpu);
+  m.impl("transposed_apply", &transposed_apply_cpu);
+  m.impl("matrix_grad", &matrix_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pm_kernels, Meta, m) {
+  m.impl("merge_fwd", &merge_fwd_meta);
+  m.impl("reconstruct_fwd", &reconstruct_fwd_meta);
+  m.impl("reconstruct_merge_fwd", &reconstruct_merge_fwd_meta);
+  m.impl("transposed_apply", &transposed_apply_meta);
+  m.impl("matrix_grad", &matrix_grad_meta);
+}
+
+}  // namespace pm_kernels
+
+// `import pm_kernels._C` loads this library, which registers the ops above as torch.ops.pm_kernels.*.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "pm_kernels native ops (registered as torch.ops.pm_kernels.*)";
+#ifdef PM_KERNELS_WITH_CUDA
+  mod.attr("WITH_CUDA") = true;
+#else
+  mod.attr("WITH_CUDA") = false;
+#endif
+}
