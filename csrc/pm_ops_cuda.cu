@@ -1,4 +1,6 @@
 // pm_kernels CUDA kernels, registered under DispatchKey::CUDA for the ops defined in pm_ops.cpp.
+// Only c10/cuda headers and the CUDA runtime are used (not ATen/cuda/CUDAContext.h, which needs the cuBLAS /
+// cuSPARSE headers that a minimal CUDA toolkit lacks).
 //
 // Simple and bounds-checked by design (correctness first):
 //  - apply_kernel: one thread per output element of out = W y (+ shortcut), fp32/fp64 accumulation.
@@ -9,9 +11,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -142,7 +145,7 @@ at::Tensor apply_dispatch_cuda(const at::Tensor& W_in, bool transpose, const at:
   if (add_in != nullptr) add = add_in->contiguous();
   if (keep_in != nullptr) keep = keep_in->contiguous();
   if (out.numel() == 0) return out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pm_kernels_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     apply_kernel<scalar_t, acc_t><<<grid_for(out.numel(), kThreads), kThreads, 0, stream>>>(
@@ -185,7 +188,9 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_merge_fwd_cuda(const at::Tensor& 
   }
   // Channel tile: the widest of 32, 16, ..., 1 whose N × CT tile fits in the shared memory of a block.
   const int64_t acc_bytes = act == at::kDouble ? 8 : 4;
-  const int64_t smem_limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+  const int64_t smem_limit = std::max<int64_t>(smem_optin, 48 * 1024);
   int CT = 32;
   while (CT > 1 && N * CT * acc_bytes > smem_limit) CT /= 2;
   const int64_t smem = N * CT * acc_bytes;
@@ -195,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_merge_fwd_cuda(const at::Tensor& 
     return {xn, apply_dispatch_cuda(Mn, false, xn, nullptr, nullptr)};
   }
   const dim3 grid(static_cast<unsigned int>((C + CT - 1) / CT), static_cast<unsigned int>(std::min<int64_t>(B, 65535)));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act, "pm_kernels_reconstruct_merge_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = reconstruct_merge_kernel<scalar_t, acc_t>;
@@ -224,7 +229,7 @@ at::Tensor matrix_grad_cuda(const at::Tensor& g_in, const at::Tensor& y_in, at::
   const int64_t B = g.size(0), I = g.size(1), J = y.size(1), C = g.size(2);
   at::Tensor out = at::zeros({I, J}, g.options().dtype(acc_dtype(g.scalar_type())));
   if (out.numel() == 0 || B * C == 0) return out.to(dtype);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pm_kernels_matrix_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     matrix_grad_kernel<scalar_t, acc_t><<<grid_for(I * J, 1), kThreads, 0, stream>>>(
