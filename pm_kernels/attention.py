@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import backends as _backends
+from .backends import select as _select_backend
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 __all__ = ["attention"]
@@ -147,7 +147,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     q, k, v may be strided views (e.g. timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``): no copy is made.
     """
     _check_inputs(q, k, v, scale, score)
-    name = _backends.select(backend, q.device, _SUPPORTED, auto_order=_SUPPORTED)
+    name = _select_backend(backend, q.device, _SUPPORTED, auto_order=_SUPPORTED)
     if name == "triton":
         if backend == "auto" and not _triton_supports(q):
             name = "torch"

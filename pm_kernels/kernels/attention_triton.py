@@ -19,6 +19,7 @@ fp16, bf16. fp32 dots use TF32 only where ``torch.backends.cuda.matmul.allow_tf3
 Under ``TRITON_INTERPRET=1`` (the CPU test mode) the kernels run one fixed config and upcast every dot
 operand to fp32 (the interpreter's half-precision ``tl.dot`` is wrong); on a GPU they are autotuned.
 """
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -318,6 +319,10 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -352,12 +357,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if B * H * N == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_launch[grid](
-        q, k, v, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, N, float(scale) * _LOG2E,
-        HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=_input_precision(q.dtype), **_BLOCK_KW,
-    )
+    with _device_guard(q):
+        _fwd_launch[grid](
+            q, k, v, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, N, float(scale) * _LOG2E,
+            HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=_input_precision(q.dtype), **_BLOCK_KW,
+        )
     return out, lse
 
 
@@ -380,24 +386,25 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     partial = _new_buffer((B * H, N), torch.float32, q.device) if has_score else delta  # dummy if unused
     precision = _input_precision(q.dtype)
 
-    _attn_bwd_preprocess[(triton.cdiv(N, _PRE_BLOCK), B * H)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N,
-        HEAD_DIM=D, BLOCK_M=_PRE_BLOCK,
-    )
-    grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _dkdv_launch[grid_n](
-        q, k, v, grad_out, lse, delta, dk, dv, partial,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        H, N, float(scale) * _LOG2E, float(scale),
-        HEAD_DIM=D, HAS_SCORE=has_score, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
-    )
-    grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _dq_launch[grid_m](
-        q, k, v, grad_out, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-        H, N, float(scale) * _LOG2E, float(scale),
-        HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
-    )
+    with _device_guard(q):
+        _attn_bwd_preprocess[(triton.cdiv(N, _PRE_BLOCK), B * H)](
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N,
+            HEAD_DIM=D, BLOCK_M=_PRE_BLOCK,
+        )
+        grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
+        _dkdv_launch[grid_n](
+            q, k, v, grad_out, lse, delta, dk, dv, partial,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            H, N, float(scale) * _LOG2E, float(scale),
+            HEAD_DIM=D, HAS_SCORE=has_score, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
+        )
+        grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _dq_launch[grid_m](
+            q, k, v, grad_out, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            H, N, float(scale) * _LOG2E, float(scale),
+            HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_BLOCK_KW,
+        )
     if has_score:
         score.add_(partial.sum(dim=0))  # deterministic reduction over (b, h)
     return dq, dk, dv
