@@ -1,0 +1,104 @@
+"""Attention benchmarks (pytest-benchmark; needs a CUDA GPU): ``pytest bench/test_bench_attention.py --benchmark-only``.
+
+ViT-S/16 shapes (B=256, H=6, D=64, bf16) at N = 197 (224²), 577 (384²), 785 (448²):
+
+- ``sdpa_fwd`` / ``ours_fwd``: inference forward, PyTorch SDPA (flash backend) vs our Triton kernel.
+- ``sdpa_fwd_bwd``: SDPA forward + backward (no score possible).
+- ``ours_fwd_bwd_score``: our forward + backward, accumulating the gradient-weighted key score.
+- ``eager_hook_fwd_bwd_score``: the authors' way: materialised softmax, a hook on it adds Σ A ⊙ ∂L/∂A.
+
+Each records its peak CUDA memory above the inputs (``torch.cuda.max_memory_allocated``) in
+``benchmark.extra_info["peak_mem_mib"]``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pm_kernels.attention import attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA GPU")
+
+B, H, D = 256, 6, 64
+DTYPE = torch.bfloat16
+SEQ_LENS = (197, 577, 785)
+
+
+def _sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _eager_with_hook(q, k, v, score):
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+    if attn.requires_grad:
+        attn.register_hook(lambda g: score.add_((attn * g).float().sum(dim=(0, 1, 2))))
+    return attn @ v
+
+
+def _make(n: int, requires_grad: bool):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    # timm layout: q, k, v are strided views of one (B, N, 3, H, D) activation.
+    qkv = torch.randn(B, n, 3, H, D, device="cuda", dtype=DTYPE, generator=g).requires_grad_(requires_grad)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    do = torch.randn(B, H, n, D, device="cuda", dtype=DTYPE, generator=g)
+    return qkv, q, k, v, do
+
+
+def _case(kind: str, n: int):
+    """A no-argument function running one step of ``kind`` (synchronised), and the tensors it keeps alive."""
+    needs_grad = kind.endswith("bwd") or kind.endswith("score")
+    qkv, q, k, v, do = _make(n, needs_grad)
+    score = torch.zeros(n, device="cuda", dtype=torch.float32)
+
+    if kind == "sdpa_fwd":
+        def step():
+            with torch.no_grad():
+                _sdpa_flash(q, k, v)
+    elif kind == "ours_fwd":
+        def step():
+            with torch.no_grad():
+                attention(q, k, v, backend="triton")
+    elif kind == "sdpa_fwd_bwd":
+        def step():
+            qq, kk, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            torch.autograd.grad(_sdpa_flash(qq, kk, vv), (qkv,), do)
+    elif kind == "ours_fwd_bwd_score":
+        def step():
+            qq, kk, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            torch.autograd.grad(attention(qq, kk, vv, score=score, backend="triton"), (qkv,), do)
+    elif kind == "eager_hook_fwd_bwd_score":
+        def step():
+            qq, kk, vv = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            torch.autograd.grad(_eager_with_hook(qq, kk, vv, score), (qkv,), do)
+    else:
+        raise ValueError(kind)
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+
+    return synced
+
+
+KINDS = ("sdpa_fwd", "ours_fwd", "sdpa_fwd_bwd", "ours_fwd_bwd_score", "eager_hook_fwd_bwd_score")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", SEQ_LENS)
+def test_bench_attention(benchmark, n, kind):
+    torch.cuda.empty_cache()
+    fn = _case(kind, n)
+    fn()  # compile / autotune outside the measurements
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    peak = torch.cuda.max_memory_allocated() - base
+
+    benchmark.group = f"attention B={B} H={H} N={n} D={D} bf16"
+    benchmark.extra_info.update({
+        "kind": kind, "B": B, "H": H, "N": n, "D": D, "dtype": str(DTYPE).replace("torch.", ""),
+        "peak_mem_mib": round(peak / 2**20, 1), "device": torch.cuda.get_device_name(),
+    })
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=3, iterations=1)
