@@ -32,7 +32,9 @@ def _sdpa_flash(q, k, v):
 def _eager_with_hook(q, k, v, score):
     attn = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
     if attn.requires_grad:
-        attn.register_hook(lambda g: score.add_((attn * g).float().sum(dim=(0, 1, 2))))
+        def hook(grad):
+            score.add_((attn * grad).float().sum(dim=(0, 1, 2)))  # returns None: the grad is unchanged
+        attn.register_hook(hook)
     return attn @ v
 
 
