@@ -52,6 +52,11 @@ def merge(x: torch.Tensor, M: torch.Tensor, *, backend: str = "auto") -> torch.T
     _check_x("x", x)
     _check_merge_matrix("M", M, x.shape[1])
     check_same_device(x=x, M=M)
+    return dispatch_merge(x, M, backend)
+
+
+def dispatch_merge(x: torch.Tensor, M: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """M @ x on the chosen backend, for any (K, N) M, with no input checks (callers check once)."""
     name = _backends.select(backend, x.device, _SUPPORTED, auto_order=_SUPPORTED)
     if name == "torch":
         return _ref.merge_reference(x, M)

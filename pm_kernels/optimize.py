@@ -1,0 +1,90 @@
+"""``optimize``: the inference fast path of a PM model: every block boundary folded into one small matmul.
+
+Between blocks l and l+1 (SPEC §1, D_l = diag(1 − m_l) keeps the tokens pruned at l):
+
+    x_{l+1} = R_l z_l + D_l x_l            z_{l+1} = M_{l+1} x_{l+1}
+
+Only the pruned rows of x are ever read again (by the next shortcut), so carry the state
+y_l = [z_l ; x_l[P_l]] (K_l + p_l tokens, P_l = tokens pruned at l) instead of all N tokens:
+
+    z_{l+1}      = (M_{l+1} R_l) z_l + M_{l+1}[:, P_l] x_l[P_l]
+    x_{l+1}[P'] =  R_l[P'] z_l      + [P' ∩ P_l] x_l[P_l]          (P' = P_{l+1})
+
+that is y_{l+1} = W_l y_l with a precomputed (K_{l+1} + p_{l+1}) × (K_l + p_l) matrix W_l. Entry: y_0 = W_in x,
+W_in = [M_0 ; rows of I at P_0]. Exit: x_L = [R_{L−1} | I[:, P_{L−1}]] y, or only its CLS row when the head reads
+the CLS token. Every shape is static and every op a dense product: ready for torch.compile and CUDA graphs.
+It costs (K'+p')(K+p)C multiply-adds per boundary instead of 2NKC, and never writes the N-token x.
+"""
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import token_ops
+from .block import transformer_body
+from .patch import is_patched
+
+__all__ = ["optimize", "OptimizedPM"]
+
+
+def _rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Selection matrix (len(index) × n) picking rows ``index``."""
+    sel = torch.zeros(index.numel(), n, dtype=torch.float64)
+    sel[torch.arange(index.numel()), index] = 1.0
+    return sel
+
+
+class OptimizedPM(nn.Module):
+    """Inference-only PM model with folded boundaries; share the weights of the model it was made from."""
+
+    def __init__(self, model, backend: str = "auto", dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        blocks = list(model.blocks)
+        n = blocks[0].keep_mask.numel()
+        Ms = [b.M.detach().double().cpu() for b in blocks]
+        Rs = [b.R.detach().double().cpu() for b in blocks]
+        pruned = [torch.nonzero(~b.keep_mask.cpu()).flatten() for b in blocks]
+        self.kept: List[int] = [M.shape[0] for M in Ms]
+
+        weights = [torch.cat([Ms[0], _rows(pruned[0], n)])]  # entry: x → y_0
+        for layer in range(len(blocks) - 1):
+            M_next, R, P, P_next = Ms[layer + 1], Rs[layer], pruned[layer], pruned[layer + 1]
+            carry = (P_next.unsqueeze(1) == P.unsqueeze(0)).double()  # [P' ∩ P]: x_l[P] rows that survive
+            top = torch.cat([M_next @ R, M_next[:, P]], dim=1)
+            bottom = torch.cat([R[P_next], carry], dim=1)
+            weights.append(torch.cat([top, bottom]))
+        exit_full = torch.cat([Rs[-1], _rows(pruned[-1], n).t()], dim=1)  # y_{L-1} → x_L (N tokens)
+        self.cls_only = model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+        weights.append(exit_full[:1] if self.cls_only else exit_full)
+
+        ref = model.patch_embed.proj.weight
+        dtype = ref.dtype if dtype is None else dtype
+        for i, w in enumerate(weights):
+            self.register_buffer(f"W{i}", w.to(ref.device, dtype), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        y = token_ops.dispatch_merge(x, self.W0, self.backend)
+        for layer, blk in enumerate(m.blocks):
+            k = self.kept[layer]
+            z = transformer_body(blk, y[:, :k])
+            y = torch.cat([z, y[:, k:]], dim=1) if y.shape[1] > k else z
+            y = token_ops.dispatch_merge(y, getattr(self, f"W{layer + 1}"), self.backend)
+        return m.forward_head(m.norm(y))
+
+
+@torch.no_grad()
+def optimize(model, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> OptimizedPM:
+    """Fold a (compressed) PM model for inference; returns an ``OptimizedPM`` sharing its weights.
+
+    Call it after the model is on its device and dtype (or pass ``dtype`` for the folded matrices); call it again
+    after M or R change. Works under ``torch.compile(mode="max-autotune")`` and CUDA-graph capture.
+    """
+    if not is_patched(model):
+        raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm / compress), got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    return OptimizedPM(model, backend=backend, dtype=dtype).eval()
