@@ -96,27 +96,38 @@ def _versions():
     return out
 
 
-def measure(model, x, device, warmup: int, iters: int, repeats: int):
-    """images/s (median of ``repeats`` runs of ``iters`` forwards, after ``warmup``) and peak memory."""
+def prepare(model, x, device, warmup: int):
+    """Warm up ``model`` and measure its memory over one forward: ``(peak_mem_mib, activ_mem_mib, out)``.
+
+    peak = ``torch.cuda.max_memory_allocated`` during the forward minus what other resident models hold
+    (this model's weights + input + activations); activ = the part above what was allocated before the
+    forward. CUDA only (None on the CPU).
+    """
     with torch.inference_mode():
         for _ in range(warmup):
             out = model(x)
         _sync(device)
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if device.type != "cuda":
+            return None, None, out
+        weights = sum(t.numel() * t.element_size() for t in
+                      list(model.parameters()) + list(model.buffers()))
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = model(x)
+        _sync(device)
+        activ = torch.cuda.max_memory_allocated(device) - before
+    return (weights + x.numel() * x.element_size() + activ) / 2 ** 20, activ / 2 ** 20, out
+
+
+def time_once(model, x, device, iters: int) -> float:
+    """images/s over ``iters`` forwards, device-synchronised."""
+    with torch.inference_mode():
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
             model(x)
-            _sync(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        runs = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                out = model(x)
-            _sync(device)
-            runs.append(x.shape[0] * iters / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(runs), "images_per_s_runs": runs, "peak_mem_mib": peak}, out
+        _sync(device)
+    return x.shape[0] * iters / (time.perf_counter() - t0)
 
 
 def _pm_api():
@@ -152,33 +163,25 @@ def bench_model(name, args, device, dtype, api, api_error):
     d = dims_from_model(dense)
     x = torch.randn(args.batch, 3, *dense.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
     x = x.to(device=device, dtype=dtype)
-    rows, notes = [], []
+    rows, notes, variants = [], [], []
 
     def run(method, keep, build, gflops, extra=None, compile_model=False):
+        """Build and warm up one variant (kept resident); timing is interleaved afterwards."""
         row = {"model": name, "timm_name": timm_name, "method": method, "keep_rate": keep,
                "gflops": gflops, **(extra or {})}
-        print(f"[{name}] {method:14s} keep={keep} ...", flush=True)
-        model = None
+        print(f"[{name}] {method:14s} keep={keep} GFLOPs={gflops:.3f}: build + warm-up", flush=True)
         try:
             model = build().to(device=device, dtype=dtype).eval()
             if compile_model:
                 model = torch.compile(model, mode=args.compile_mode)
             warmup = max(args.warmup, 3) if compile_model else args.warmup
-            stats, out = measure(model, x, device, warmup, args.iters, args.repeats)
-            row.update(stats)
+            row["peak_mem_mib"], row["activation_mem_mib"], out = prepare(model, x, device, warmup)
             row["output_finite"] = bool(torch.isfinite(out.float()).all())
+            variants.append((row, model))
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-        finally:
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
-        ips = row.get("images_per_s")
-        print(f"[{name}] {method:14s} keep={keep} GFLOPs={gflops:.3f} img/s="
-              f"{'%.1f' % ips if ips else row.get('error')}", flush=True)
         return row
 
     run("dense", None, lambda: copy.deepcopy(dense), dense_flops(d))
@@ -216,19 +219,25 @@ def bench_model(name, args, device, dtype, api, api_error):
 
             def pm_build(backend, pm_model=pm_model):
                 m = copy.deepcopy(pm_model)
-                api["set_backend"](m, backend)
+                if backend in ("auto", "torch"):
+                    api["set_backend"](m, backend)
+                else:   # forced token-op backend; attention keeps "auto" (it may lack that backend)
+                    api["set_backend"](m, "auto")
+                    for blk in m.blocks:
+                        blk.backend = backend
                 return m
 
             run("pm-torch", keep, lambda: pm_build("torch"), target, pm_extra)
-            auto = _resolved_backend(device)
+            auto = (_resolved_backend(device) if args.pm_kernels_backend == "auto"
+                    else args.pm_kernels_backend)
             if auto == "torch":
                 msg = (f"pm-kernels (keep {keep}) not timed: backend auto resolves to 'torch' on "
                        f"{device.type} (no native/Triton kernel usable), i.e. the pm-torch row")
                 if msg not in notes:
                     notes.append(msg)
             else:
-                row = run("pm-kernels", keep, lambda: pm_build("auto"), target, pm_extra)
-                row["pm_backend_auto"] = auto
+                row = run("pm-kernels", keep, lambda: pm_build(args.pm_kernels_backend), target, pm_extra)
+                row["pm_backend"] = auto
             if args.compile:
                 run("pm-compile", keep, lambda: pm_build(args.compile_backend), target,
                     dict(pm_extra, compile_backend=args.compile_backend), compile_model=True)
@@ -241,6 +250,27 @@ def bench_model(name, args, device, dtype, api, api_error):
             {"evit_keep_rate": k_evit, "evit_locations": locs, "target_gflops": target,
              "target_source": target_source})
         del pm_model
+
+    # interleaved timing: repeat r times every variant once, so load drift hits all variants alike
+    for rep in range(args.repeats):
+        for row, model in variants:
+            if "error" in row:
+                continue
+            try:
+                row.setdefault("images_per_s_runs", []).append(time_once(model, x, device, args.iters))
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"timing: {type(err).__name__}: {err}"
+                traceback.print_exc()
+        print(f"[{name}] repeat {rep + 1}/{args.repeats}: " + ", ".join(
+            f"{r['method']}{'' if r['keep_rate'] is None else '@%g' % r['keep_rate']}="
+            f"{r['images_per_s_runs'][-1]:.1f}" for r, _ in variants if "error" not in r), flush=True)
+    for row, _ in variants:
+        if "error" not in row:
+            row["images_per_s"] = statistics.median(row["images_per_s_runs"])
+    variants.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     base = next((r for r in rows if r["method"] == "dense" and r.get("images_per_s")), None)
     for r in rows:
@@ -318,7 +348,9 @@ def parse_args(argv=None):
     p.add_argument("--calib-batches", type=int, default=2, help="batches for --scores calibrated")
     p.add_argument("--warmup", type=int, default=None, help="default: 10 on cuda, 2 on cpu")
     p.add_argument("--iters", type=int, default=None, help="forwards per timed run (default: 20 cuda, 3 cpu)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (interleaved); median reported")
+    p.add_argument("--pm-kernels-backend", default="auto", choices=["auto", "cuda", "triton"],
+                   help="backend of the pm-kernels row (cuda = the compiled extension, also its C++ CPU kernels)")
     p.add_argument("--compile", action="store_true", help="also time dense and PM under torch.compile")
     p.add_argument("--compile-backend", default="torch", help="PM backend used under torch.compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead)")
@@ -363,17 +395,24 @@ def main(argv=None):
         "flops_convention": "analytic, 1 MAC = 1 FLOP (fvcore / DeiT / ToMe / EViT / PM papers); "
                             "matmuls only; PM includes merge K×N×C and reconstruct N×K×C; ToMe includes "
                             "the bipartite similarity; EViT includes the fusion",
-        "timing": "torch.inference_mode, device-synchronised wall clock, median of repeats",
-        "peak_memory": "torch.cuda.max_memory_allocated over one forward (weights + activations)"
+        "timing": "torch.inference_mode, device-synchronised wall clock; every variant of a model is built "
+                  "and warmed up first, then timed round-robin (repeat × variant, `iters` forwards each); "
+                  "images/s = median over repeats",
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "peak_memory": "CUDA: this variant's weights + input + (max_memory_allocated during one forward "
+                       "- allocated before it); activation_mem_mib: the last term"
                        if device.type == "cuda" else "not measured on CPU (null)",
         "weights": "random init (pretrained=False); no accuracy column",
     }
     result = {"env": env, "rows": [], "notes": []}
+    if args.pm_kernels_backend != "auto":
+        env["pm_kernels_backend"] = args.pm_kernels_backend
     for name in args.models:
         rows, notes = bench_model(name, args, device, dtype, api, api_error)
         result["rows"] += rows
         result["notes"] += [f"{name}: {n}" for n in notes]
 
+    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
