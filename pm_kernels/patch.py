@@ -95,10 +95,15 @@ def num_tokens(model: VisionTransformer) -> int:
 
 
 def set_backend(model, backend: str) -> None:
-    """Route every patched block's token ops and attention to ``backend`` (auto | cuda | triton | torch)."""
+    """Route every patched block's token ops and attention to ``backend`` (auto | cuda | triton | torch).
+
+    The compiled extension ("cuda") has no attention kernel: with it, attention stays on "auto".
+    """
+    if backend not in ("auto", "cuda", "triton", "torch"):
+        raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}")
     for blk in model.blocks:
         blk.backend = backend
-        blk.attn.backend = backend
+        blk.attn.backend = "auto" if backend == "cuda" else backend
 
 
 def _check_vit(model) -> None:
