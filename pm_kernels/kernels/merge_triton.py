@@ -9,9 +9,9 @@ as 0/1, so (1 − m) selects the pruned tokens, which pass by the shortcut.
 
 Inputs arrive validated by ``pm_kernels.token_ops``. Precision: M and R are used in x's dtype, as autocast
 would do (the reference does the same); every product is accumulated in fp32 and the outputs are written
-in x's dtype. fp32 inputs use IEEE fp32 products (no TF32). Gradients of M / R come back in M's / R's own
-dtype, those of x / z in x's dtype. float64 activations (x, z) are not run by these kernels: they go to the PyTorch
-reference (``pm_kernels.reference``), which is exact for them and keeps gradcheck meaningful.
+in x's dtype. fp32 inputs use IEEE fp32 products (no TF32). Gradients of M / R come back in M's / R's
+own dtype, those of x / z in x's dtype. float64 activations (x, z) are not run by these kernels: they go
+to the PyTorch reference (``pm_kernels.reference``), which is exact for them.
 
 Layout and copies: every kernel takes explicit strides, so non-contiguous x, z, M, R and incoming gradients
 are read in place, **no copies**. The only extra tensors are: the (N,) fp32 "pruned" vector built from
@@ -19,9 +19,9 @@ keep_mask; in the fused backward a (B, N, C) scratch holding dx'_total = dx' + M
 and the fp32 (SPLIT, P, Q) partial sums of the dM / dR reductions, summed over SPLIT by torch.
 
 Kernels (all tile one batch element × one channel block, accumulate in fp32):
-- ``_shared_matmul_kernel``: out[b] = A · X[b] (+ (1 − m) ⊙ S[b]); A any (P, Q) strided view, so Mᵀ / Rᵀ
-  are free. Runs merge forward (A = M), reconstruct forward (A = R, shortcut x), merge backward dx (A = Mᵀ),
-  reconstruct backward dz (A = Rᵀ).
+- ``_shared_matmul_kernel``: out[b] = A · X[b] (+ (1 − m) ⊙ S[b]); A any (P, Q) strided view, so
+  Mᵀ / Rᵀ are free. Runs merge forward (A = M), reconstruct forward (A = R, shortcut x), merge backward
+  dx (A = Mᵀ), reconstruct backward dz (A = Rᵀ).
 - ``_reconstruct_merge_fwd_kernel``: the fused block boundary; the whole N × C_tile tile of x' stays in
   registers between x' = R z + (1 − m) ⊙ x and z' = M' x'.
 - ``_reconstruct_merge_bwd_kernel``: the fused backward; dx'_total = dx' + M'ᵀ dz' stays in registers
@@ -216,7 +216,8 @@ def _reconstruct_merge_bwd_kernel(
                      mask=mask_j[:, None] & mask_c[None, :], other=0.0)
         dxt = _dot(_round(mt_t, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), gz.to(DOT_DTYPE), dxt, IEEE)
     if HAS_GX:
-        gx = tl.load(gx_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_c[None, :] * s_gc, mask=mask_nc, other=0.0)
+        gx = tl.load(gx_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_c[None, :] * s_gc,
+                     mask=mask_nc, other=0.0)
         dxt += gx.to(tl.float32)
     # Rounded to x's dtype: it is the gradient of the x'-dtype tensor x' (what unfused autograd would see).
     dxt_io = _round(dxt, IN_DTYPE, FIX_BF16)
@@ -296,7 +297,8 @@ def _pruned_vector(keep_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _shared_matmul(A: torch.Tensor, X: torch.Tensor, out_dtype: torch.dtype,
-                   shortcut: Optional[torch.Tensor] = None, pruned: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   shortcut: Optional[torch.Tensor] = None,
+                   pruned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[b] = A · X[b] (+ (1 − m) ⊙ shortcut[b]); A (P, Q) any strides, X (B, Q, C)."""
     P, Q = A.shape
     B, _, C = X.shape
