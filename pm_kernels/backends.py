@@ -10,7 +10,6 @@
 ``torch`` for CPU tensors: there the reference's BLAS matmuls beat the extension's plain C++ loops and the
 Triton interpreter, which exist to be tested (force them with ``backend="cuda"`` / ``"triton"``).
 """
-import functools
 import importlib
 import os
 from typing import Dict, Sequence, Tuple
@@ -24,8 +23,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_STATUS: Dict[str, Tuple[bool, str]] = {}  # a plain dict, not lru_cache: dynamo traces it without warnings
+
+
 def _triton_status() -> Tuple[bool, str]:
+    if "triton" not in _STATUS:
+        _STATUS["triton"] = _probe_triton()
+    return _STATUS["triton"]
+
+
+def _extension_status() -> Tuple[bool, str]:
+    if "cuda" not in _STATUS:
+        _STATUS["cuda"] = _probe_extension()
+    return _STATUS["cuda"]
+
+
+def _probe_triton() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as err:  # ImportError, or a broken install
@@ -33,8 +46,7 @@ def _triton_status() -> Tuple[bool, str]:
     return True, f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _interpreting() else "")
 
 
-@functools.lru_cache(maxsize=None)
-def _extension_status() -> Tuple[bool, str]:
+def _probe_extension() -> Tuple[bool, str]:
     try:
         importlib.import_module("pm_kernels._C")
     except Exception as err:

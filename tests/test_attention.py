@@ -318,8 +318,6 @@ class _TinyAttention(torch.nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
-# backends.select traces through an lru_cache under dynamo: harmless (it only reads the environment).
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_torch_compile_fullgraph(backend, compile_backend):
