@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .backends import select as _select_backend
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .reference import _compute_dtype, attention_backward_reference, attention_forward_reference
 
 __all__ = ["attention"]
 
@@ -53,34 +54,6 @@ def _check_triton(q: torch.Tensor) -> None:
                          f"{', '.join(map(str, _TRITON_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
 
 
-# ------------------------------------------------------------------------------ torch math (with an LSE)
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _torch_fwd(q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    cdt = _compute_dtype(q.dtype)
-    logits = (q.to(cdt) @ k.to(cdt).transpose(-2, -1)) * scale
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.exp(logits - lse.unsqueeze(-1)) @ v.to(cdt)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
-
-
-def _torch_bwd(grad_out, q, k, v, lse, scale: float, score: Optional[torch.Tensor]):
-    cdt = _compute_dtype(q.dtype)
-    qc, kc, vc, d_out = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
-    probs = torch.exp((qc @ kc.transpose(-2, -1)) * scale - lse.to(cdt).unsqueeze(-1))
-    d_probs = d_out @ vc.transpose(-2, -1)                                   # dP = dO Vᵀ
-    d_v = probs.transpose(-2, -1) @ d_out                                    # dV = Pᵀ dO
-    d_logits = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))  # dS = P ⊙ (dP − rowsum(P ⊙ dP))
-    d_q = (d_logits @ kc) * scale
-    d_k = (d_logits.transpose(-2, -1) @ qc) * scale
-    if score is not None:
-        score.add_((probs * d_probs).sum(dim=(0, 1, 2)).to(score.dtype))   # Σ_{b,h,q} P ⊙ dP
-    return (d_q.to(q.dtype).contiguous(), d_k.to(k.dtype).contiguous(), d_v.to(v.dtype).contiguous())
-
-
 # ------------------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("pm_kernels::attention_fwd", mutates_args=())
@@ -90,7 +63,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if backend == "triton":
         from .kernels.attention_triton import attention_fwd
         return attention_fwd(q, k, v, scale)
-    return _torch_fwd(q, k, v, scale)
+    return attention_forward_reference(q, k, v, scale)
 
 
 @_attention_fwd.register_fake
@@ -107,7 +80,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if backend == "triton":
         from .kernels.attention_triton import attention_bwd
         return attention_bwd(grad_out, q, k, v, out, lse, scale, score)
-    return _torch_bwd(grad_out, q, k, v, lse, scale, score)
+    return attention_backward_reference(grad_out, q, k, v, lse, scale, score)
 
 
 @_attention_bwd.register_fake

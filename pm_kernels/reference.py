@@ -14,6 +14,8 @@ import torch
 
 __all__ = [
     "attention_reference",
+    "attention_forward_reference",
+    "attention_backward_reference",
     "merge_reference",
     "reconstruct_reference",
     "reconstruct_merge_reference",
@@ -25,38 +27,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _AttentionWithScore(torch.autograd.Function):
-    """softmax(q kᵀ · scale) v, whose backward adds Σ_{b,h,q} P ⊙ dP per key into ``score``.
+def attention_forward_reference(q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out = softmax(q kᵀ · scale) v in q's dtype, lse the fp32+ log-sum-exp of each query row."""
+    cdt = _compute_dtype(q.dtype)
+    logits = (q.to(cdt) @ k.to(cdt).transpose(-2, -1)) * scale
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.exp(logits - lse.unsqueeze(-1)) @ v.to(cdt)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
-    P is kept in memory (B·H·N·N): this is the authors' eager way, used as the reference.
-    """
+
+def attention_backward_reference(grad_out, q, k, v, lse, scale: float, score: Optional[torch.Tensor]):
+    """(dq, dk, dv), P recomputed from the LSE; adds Σ_{b,h,q} P ⊙ dP per key into ``score`` when given."""
+    cdt = _compute_dtype(q.dtype)
+    qc, kc, vc, d_out = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
+    probs = torch.exp((qc @ kc.transpose(-2, -1)) * scale - lse.to(cdt).unsqueeze(-1))
+    d_probs = d_out @ vc.transpose(-2, -1)                                   # dP = dO Vᵀ
+    d_v = probs.transpose(-2, -1) @ d_out                                    # dV = Pᵀ dO
+    d_logits = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))  # dS = P ⊙ (dP − rowsum(P ⊙ dP))
+    d_q = (d_logits @ kc) * scale
+    d_k = (d_logits.transpose(-2, -1) @ qc) * scale
+    if score is not None:
+        # Gradient-weighted attention score (SPEC §3): A ⊙ dA = P ⊙ dP, summed over b, h, q.
+        score.add_((probs * d_probs).sum(dim=(0, 1, 2)).to(score.dtype))
+    return d_q.to(q.dtype).contiguous(), d_k.to(k.dtype).contiguous(), d_v.to(v.dtype).contiguous()
+
+
+class _AttentionWithScore(torch.autograd.Function):
+    """Attention whose backward adds Σ_{b,h,q} P ⊙ dP per key into ``score``."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, score: Optional[torch.Tensor]):
-        cdt = _compute_dtype(q.dtype)
-        qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-        probs = torch.softmax((qc @ kc.transpose(-2, -1)) * scale, dim=-1)
-        out = probs @ vc
-        ctx.save_for_backward(qc, kc, vc, probs)
-        ctx.scale = scale
-        ctx.score = score
-        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
-        return out.to(q.dtype)
+        out, lse = attention_forward_reference(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.scale, ctx.score = scale, score
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qc, kc, vc, probs = ctx.saved_tensors
-        d_out = grad_out.to(qc.dtype)
-        d_probs = d_out @ vc.transpose(-2, -1)                                   # dP = dO Vᵀ
-        d_v = probs.transpose(-2, -1) @ d_out                                    # dV = Pᵀ dO
-        d_logits = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))  # dS = P ⊙ (dP − rowsum(P ⊙ dP))
-        d_q = (d_logits @ kc) * ctx.scale
-        d_k = (d_logits.transpose(-2, -1) @ qc) * ctx.scale
-        if ctx.score is not None:
-            # Gradient-weighted attention score (SPEC §3): A ⊙ dA = P ⊙ dP, summed over b, h, q.
-            ctx.score.add_((probs * d_probs).sum(dim=(0, 1, 2)).to(ctx.score.dtype))
-        q_dt, k_dt, v_dt = ctx.in_dtypes
-        return d_q.to(q_dt), d_k.to(k_dt), d_v.to(v_dt), None, None
+        q, k, v, lse = ctx.saved_tensors
+        return (*attention_backward_reference(grad_out, q, k, v, lse, ctx.scale, ctx.score), None, None)
 
 
 def attention_reference(
