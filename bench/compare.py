@@ -306,7 +306,10 @@ def plot(result, path):
             if r["model"] != model or not r.get("images_per_s"):
                 continue
             mk = markers.get(r["method"], "x")
-            ax.scatter(r["gflops"], r["images_per_s"], marker=mk, color=colors[mi % len(colors)], s=50)
+            runs = r.get("images_per_s_runs") or [r["images_per_s"]]
+            ips = r["images_per_s"]
+            ax.errorbar(r["gflops"], ips, yerr=[[ips - min(runs)], [max(runs) - ips]], fmt=mk,
+                        color=colors[mi % len(colors)], ms=7, capsize=3, elinewidth=0.8)
             label = r["method"] + (f"@{r['keep_rate']}" if r["keep_rate"] is not None else "")
             ax.annotate(label, (r["gflops"], r["images_per_s"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
@@ -316,8 +319,15 @@ def plot(result, path):
     ax.set_ylabel("images / s (median)")
     env = result["env"]
     label = "CPU" if env["device_type"] == "cpu" else "GPU"
-    ax.set_title(f"[{label}] {env['device_name']}\nbatch {env['batch']}, {env['dtype']}, "
-                 f"torch {env['versions']['torch']}, models: {', '.join(models)}", fontsize=8)
+    title = (f"[{label}] {env['device_name']}\nbatch {env['batch']}, {env['dtype']}, "
+             f"torch {env['versions']['torch']}, models: {', '.join(models)}; "
+             f"marker = median, bars = min-max of {env['repeats']} runs")
+    load = env.get("loadavg_start")
+    if env["device_type"] == "cpu" and load:
+        cores = f" on {env['cpu_count']} cores" if env.get("cpu_count") else ""
+        title += (f"\nshared CPU: load average {load[0]:.1f}{cores} ({env.get('cpu_threads')} torch threads): "
+                  "ratios are unreliable")
+    ax.set_title(title, fontsize=7)
     for mi, model in enumerate(models):
         ax.scatter([], [], color=colors[mi % len(colors)], label=model)
     present = {r["method"] for r in result["rows"] if r.get("images_per_s")}
@@ -356,6 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="no measurement: redraw the PNG and print the table of an existing result JSON")
     p.add_argument("--out", default=None, help="JSON path (PNG next to it); default bench/results/...")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -375,6 +387,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            result = json.load(f)
+        png = os.path.splitext(args.replot)[0] + ".png"
+        plot(result, png)
+        print_table(result)
+        print(f"redrew {png}")
+        return result
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here (use --device cpu for the CPU mode)")
     if args.threads:
@@ -386,6 +406,7 @@ def main(argv=None):
         "label": "CPU" if device.type == "cpu" else "GPU",
         "device_type": device.type, "device_name": _device_name(device),
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpu_count": os.cpu_count(),
         "batch": args.batch, "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
         "repeats": args.repeats, "compile": args.compile, "compile_mode": args.compile_mode,
         "versions": _versions(),
@@ -427,13 +448,15 @@ def print_table(result):
     env = result["env"]
     print(f"\n[{env['label']}] {env['device_name']}  batch {env['batch']}  {env['dtype']}")
     print(f"{'model':12s} {'method':14s} {'keep':>5s} {'GFLOPs':>8s} {'xFLOPs':>7s} {'img/s':>10s} "
-          f"{'speedup':>8s} {'peakMiB':>8s}")
+          f"{'speedup':>8s} {'peakMiB':>8s}  runs min-max")
     for r in result["rows"]:
         ips = r.get("images_per_s")
         print(f"{r['model']:12s} {r['method']:14s} {str(r['keep_rate'] or '-'):>5s} {r['gflops']:8.3f} "
               f"{r['gflops_vs_dense']:7.3f} {('%.1f' % ips) if ips else 'ERROR':>10s} "
               f"{('%.3f' % r['speedup_vs_dense']) if r.get('speedup_vs_dense') else '-':>8s} "
-              f"{('%.0f' % r['peak_mem_mib']) if r.get('peak_mem_mib') else '-':>8s}")
+              f"{('%.0f' % r['peak_mem_mib']) if r.get('peak_mem_mib') else '-':>8s}  "
+              + ("%.1f-%.1f" % (min(r["images_per_s_runs"]), max(r["images_per_s_runs"]))
+                 if r.get("images_per_s_runs") else ""))
     for n in result["notes"]:
         print("note:", n)
 
