@@ -1,0 +1,179 @@
+"""``pm-kernels``: the Prune-and-Merge pipeline on the command line (also ``python -m pm_kernels``).
+
+    pm-kernels train      --model digits_vit --data digits --out dense.pth            (dense model, from scratch)
+    pm-kernels calibrate  --checkpoint dense.pth --iters 250 --out scores.pt          (SPEC §3)
+    pm-kernels compress   --checkpoint dense.pth --scores scores.pt --keep-rate 0.6 --out pm.pth   (SPEC §2, §4)
+    pm-kernels finetune   --checkpoint pm.pth --teacher dense.pth --epochs 60 --out pm_ft.pth     (SPEC §5)
+    pm-kernels evaluate   --dense dense.pth --checkpoint pm_ft.pth [more.pth ...] --out-dir runs/eval
+    pm-kernels visualize  --checkpoint pm_ft.pth --out structure.png
+    pm-kernels demo       [--out runs/demo] [--quick]
+
+``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
+``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
+its output. Bad input ends with one ``error:`` line on stderr and exit status 2; outputs are written
+atomically (nothing half-way).
+"""
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _rate(name, low_open=True):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value}")
+        return value
+    return parse
+
+
+def _positive(kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _common(p, data=True, model=True):
+    if model:
+        p.add_argument("--model", help="timm ViT/DeiT name or digits_vit (default: the checkpoint's)")
+        p.add_argument("--checkpoint", help="local weights (.pth/.pt/.safetensors)")
+        p.add_argument("--img-size", type=_positive(), help="input size (default: the model's)")
+    if data:
+        p.add_argument("--data", default="digits", help="'digits' (embedded) or an ImageFolder path")
+        p.add_argument("--batch-size", type=_positive(), default=64)
+        p.add_argument("--workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=_positive(), help="torch CPU threads (default: free cores, at least 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_args(p, distill: bool):
+    p.add_argument("--epochs", type=_positive(float), default=60.0 if distill else 30.0)
+    p.add_argument("--base-lr", type=_positive(float), default=1e-4, help="lr = base-lr × global batch / 512")
+    p.add_argument("--lr", type=_positive(float), help="absolute lr (overrides --base-lr scaling)")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--mixup", type=float, help="mixup alpha (default: 0.8 on ImageFolder, 0 on digits)")
+    p.add_argument("--cutmix", type=float, help="cutmix alpha (default: 1.0 on ImageFolder, 0 on digits)")
+    p.add_argument("--smoothing", type=float, help="label smoothing (default: 0.1 on ImageFolder, 0 on digits)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--max-iters", type=_positive(), help="stop after this many iterations")
+    p.add_argument("--out", required=True, help="output checkpoint")
+    if distill:
+        p.add_argument("--teacher", help="dense checkpoint to distil from (default: none, unless --alpha 0)")
+        p.add_argument("--alpha", type=float, default=0.8, help="distillation weight (0.8 Tiny, 1.0 Small)")
+        p.add_argument("--tau", type=_positive(float), default=20.0, help="distillation temperature T")
+        p.add_argument("--authors-lr-quirk", action="store_true",
+                       help="as the authors' script: every 2-D weight (M, R included) stays at lr 1e-6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pm-kernels", description="Prune-and-Merge token compression for timm ViTs.")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train or fine-tune a dense model (no distillation)")
+    _common(p)
+    _train_args(p, distill=False)
+
+    p = sub.add_parser("calibrate", help="gradient-weighted attention scores of a dense model (SPEC §3)")
+    _common(p)
+    p.add_argument("--iters", type=_positive(), default=250, help="calibration iterations (batches)")
+    p.add_argument("--out", required=True, help="scores file (.pt)")
+
+    p = sub.add_parser("compress", help="scores + rates → structure, initial M and R → checkpoint (SPEC §2, §4)")
+    _common(p, data=False)
+    p.add_argument("--scores", required=True, help="scores file from `pm-kernels calibrate`")
+    p.add_argument("--keep-rate", type=_rate("keep rate"), default=0.6)
+    p.add_argument("--prune-rate", type=_rate("prune rate", low_open=False), default=0.1)
+    p.add_argument("--out", required=True, help="output checkpoint")
+
+    p = sub.add_parser("finetune", help="train M, R and the weights with distillation from the dense model")
+    _common(p)
+    _train_args(p, distill=True)
+
+    p = sub.add_parser("evaluate", help="top-1, GFLOPs, images/s: dense vs PM on the same data and device")
+    _common(p, model=False)
+    p.add_argument("--model", help="timm name, where the checkpoints do not name one")
+    p.add_argument("--img-size", type=_positive())
+    p.add_argument("--dense", help="dense checkpoint (the reference row)")
+    p.add_argument("--checkpoint", nargs="+", default=[], help="PM checkpoints")
+    p.add_argument("--repeats", type=_positive(), default=5, help="timed runs per model (median)")
+    p.add_argument("--out-dir", default="runs/evaluate", help="results.json and accuracy_vs_keep.png go here")
+
+    p = sub.add_parser("visualize", help="PNG of each layer's centres / merged / pruned patches over an image")
+    _common(p)
+    p.add_argument("--index", type=int, default=0, help="test image index")
+    p.add_argument("--out", required=True, help="output PNG")
+
+    p = sub.add_parser("demo", help="digits end to end: train, calibrate, compress, fine-tune, evaluate, plot")
+    _common(p, data=False, model=False)
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="reduced budget (tests)")
+    p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4")
+    return parser
+
+
+def _setup(args):
+    import torch
+
+    from .pipeline.demo import default_threads
+    torch.set_num_threads(args.threads or default_threads())
+    torch.manual_seed(args.seed)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        from .pipeline.io import PipelineError
+        raise PipelineError(f"device {args.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .pipeline.io import PipelineError
+        raise PipelineError(f"device {args.device!r}: CUDA is not available")
+    return device
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``pm-kernels``; returns 0 or raises ``SystemExit`` with a non-zero status."""
+    args = build_parser().parse_args(argv)
+    from .pipeline import commands
+    from .pipeline.io import PipelineError
+    start = time.perf_counter()
+    try:
+        device = _setup(args)
+        getattr(commands, "cmd_" + args.command)(args, device)
+    except PipelineError as err:
+        sys.stderr.write(f"pm-kernels {args.command}: error: {err}\n")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"pm-kernels {args.command}: interrupted\n")
+        raise SystemExit(130) from None
+    if not getattr(args, "quiet", False):
+        print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Data for the pipeline: the embedded ``digits`` set (scikit-learn's 1,797 real 8×8 scans, no download),
+or an ImageFolder tree read with timm's dataset and transforms.
+
+``--data digits``: 8×8 scans upsampled (bilinear) to 32×32, 1 channel, a stratified 75/25 train/test split
+with a fixed seed; training adds random shifts of up to 2 pixels.
+``--data DIR``: ``DIR/train`` and ``DIR/val`` (or ``validation``) when present, else ``DIR`` for both.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .io import PipelineError
+
+__all__ = ["DataBundle", "load_data", "make_loader", "DIGITS"]
+
+DIGITS = "digits"
+DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: Tuple[float, ...] = field(default=DIGITS_MEAN)
+    std: Tuple[float, ...] = field(default=DIGITS_STD)
+    allows_mixup: bool = False
+
+
+class DigitsDataset(Dataset):
+    """Normalised (n, 1, S, S) images and labels; ``shift`` > 0 translates training images at random."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0):
+        self.images, self.labels, self.shift = images, labels, shift
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        if self.shift:
+            s, pad = x.shape[-1], self.shift
+            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            x = F.pad(x, (pad, pad, pad, pad), value=-DIGITS_MEAN[0] / DIGITS_STD[0])[:, dy:dy + s, dx:dx + s]
+        return x, self.labels[i]
+
+
+def digits(seed: int = 0, img_size: int = 32, test_size: float = 0.25, shift: int = 2) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    x = (x - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    labels = torch.tensor(y, dtype=torch.long)
+    idx_train, idx_test = train_test_split(torch.arange(len(y)).numpy(), test_size=test_size,
+                                           random_state=seed, stratify=y)
+    idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
+    return DataBundle(DIGITS, DigitsDataset(x[idx_train], labels[idx_train], shift=shift),
+                      DigitsDataset(x[idx_test], labels[idx_test]), num_classes=10, in_chans=1,
+                      img_size=img_size)
+
+
+def _count_images(root: str) -> int:
+    n = 0
+    for _, _, files in os.walk(root):
+        n += sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in files)
+    return n
+
+
+def image_folder(root: str, img_size: int = 224, mean=None, std=None, interpolation: str = "bicubic",
+                 crop_pct: float = 0.875, random_erasing: float = 0.25) -> DataBundle:
+    """timm ``ImageDataset`` + ``create_transform`` (train: random-resized crop, flip, random erasing)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+
+    if not os.path.isdir(root):
+        raise PipelineError(f"data {root}: no such folder (give a folder of class sub-folders, or 'digits')")
+    sub = lambda *names: next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), root)
+    train_root, test_root = sub("train"), sub("val", "validation", "test")
+    for r in {train_root, test_root}:
+        if _count_images(r) == 0:
+            raise PipelineError(f"data {r}: no images found (expected <class>/<image> files with extensions "
+                                f"{', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+    mean = tuple(mean or IMAGENET_DEFAULT_MEAN)
+    std = tuple(std or IMAGENET_DEFAULT_STD)
+    common = dict(input_size=(3, img_size, img_size), mean=mean, std=std, interpolation=interpolation)
+    train_tf = create_transform(is_training=True, auto_augment=None, re_prob=random_erasing, **common)
+    test_tf = create_transform(is_training=False, crop_pct=crop_pct, **common)
+    try:
+        train, test = ImageDataset(train_root, transform=train_tf), ImageDataset(test_root, transform=test_tf)
+    except Exception as err:
+        raise PipelineError(f"data {root}: cannot be read as an ImageFolder ({str(err).splitlines()[0][:160]})") \
+            from None
+    classes = train.reader.class_to_idx if hasattr(train.reader, "class_to_idx") else None
+    num_classes = len(classes) if classes else 1 + max(int(t) for _, t in train.reader.samples)
+    return DataBundle(root, train, test, num_classes=num_classes, in_chans=3, img_size=img_size, mean=mean,
+                      std=std, allows_mixup=True)
+
+
+def load_data(spec: str, seed: int = 0, img_size: Optional[int] = None, **kwargs) -> DataBundle:
+    """``spec`` is ``digits`` or an ImageFolder path."""
+    if spec == DIGITS:
+        return digits(seed=seed, img_size=img_size or 32)
+    return image_folder(spec, img_size=img_size or 224, **kwargs)
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+                distributed: bool = False, drop_last: Optional[bool] = None) -> DataLoader:
+    """Seeded shuffling for training; a ``DistributedSampler`` under torchrun."""
+    if batch_size < 1:
+        raise PipelineError(f"batch size: expected >= 1, got {batch_size}")
+    if len(dataset) == 0:
+        raise PipelineError("data: the split is empty")
+    drop_last = (train and len(dataset) >= 2 * batch_size) if drop_last is None else drop_last
+    sampler, generator = None, torch.Generator().manual_seed(seed)
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=workers, drop_last=drop_last,
+                      persistent_workers=workers > 0)

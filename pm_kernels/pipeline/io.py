@@ -1,0 +1,112 @@
+"""Files of the pipeline: atomic writes (temp file + ``os.replace``) and reads that fail with one clear line.
+
+Every error meant for the command line is a ``PipelineError``: ``pm_kernels.cli`` prints ``error: <message>``
+on stderr and exits with status 2, without a traceback. Nothing is written half-way: a write goes to a temp
+file in the target's folder and is renamed over the target only once complete.
+"""
+import json
+import os
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["PipelineError", "atomic_write", "save_checkpoint", "load_checkpoint", "save_scores", "load_scores",
+           "save_json", "checkpoint_state_dict"]
+
+FORMAT = "pm_kernels.pipeline/1"
+
+
+class PipelineError(Exception):
+    """A user-facing error: bad input, missing or corrupt file. Printed as one line by the CLI."""
+
+
+def atomic_write(path: str, write_fn) -> str:
+    """Call ``write_fn(tmp_path)`` then rename the temp file onto ``path``; the temp file goes on failure."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(f"output {path}: cannot create folder ({err.strerror or err})") from None
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_json(obj: Any, path: str) -> str:
+    def _write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+    return atomic_write(path, _write)
+
+
+def save_checkpoint(model: torch.nn.Module, path: str, meta: Dict[str, Any]) -> str:
+    """``{"state_dict": ..., "pm_meta": meta}``: loads with ``timm.create_model(..., checkpoint_path=path)``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"state_dict": state, "pm_meta": dict(meta, format=FORMAT)}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _read(path: str, what: str):
+    if not path:
+        raise PipelineError(f"{what}: no file given")
+    if not os.path.exists(path):
+        raise PipelineError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise PipelineError(f"{what} {path}: is a folder, expected a file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, not a torch file, pickled code
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{what} {path}: cannot be read, corrupt or not a PyTorch file ({reason[:160]})") \
+            from None
+
+
+def checkpoint_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint (ours, timm's train script's, DeiT's ``model`` key, or raw)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PipelineError(f"checkpoint {path}: no state dict of tensors in it")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """``{"state_dict": ..., "meta": {...}}``; meta is empty for a checkpoint not written by this pipeline."""
+    obj = _read(path, "checkpoint")
+    meta = obj.get("pm_meta", {}) if isinstance(obj, dict) else {}
+    return {"state_dict": checkpoint_state_dict(obj, path), "meta": meta if isinstance(meta, dict) else {}}
+
+
+def save_scores(scores: torch.Tensor, path: str, meta: Optional[Dict[str, Any]] = None) -> str:
+    payload = {"scores": scores.detach().cpu().float(), "pm_meta": dict(meta or {}, format=FORMAT)}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_scores(path: str) -> Dict[str, Any]:
+    """``{"scores": (L, N-1) float tensor, "meta": {...}}`` from a scores file (or a bare tensor file)."""
+    obj = _read(path, "scores")
+    meta = {}
+    if isinstance(obj, dict):
+        meta = obj.get("pm_meta", {}) if isinstance(obj.get("pm_meta"), dict) else {}
+        obj = obj.get("scores")
+    if not isinstance(obj, torch.Tensor) or obj.dim() != 2 or not obj.is_floating_point():
+        raise PipelineError(f"scores {path}: expected a float tensor of shape (L, N-1) from `pm-kernels calibrate`")
+    if not bool(torch.isfinite(obj).all()):
+        raise PipelineError(f"scores {path}: contains non-finite values")
+    return {"scores": obj.float(), "meta": meta}

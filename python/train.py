@@ -1,0 +1,15 @@
+"""Train a dense model or fine-tune a compressed one: ``python python/train.py [dense|finetune] ARGS``.
+
+``dense`` (the default when the first argument is an option) is ``pm-kernels train``; ``finetune`` is
+``pm-kernels finetune`` (distillation from ``--teacher``).
+"""
+import sys
+
+from pm_kernels.cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    command = "train"
+    if argv and argv[0] in ("dense", "finetune"):
+        command = "train" if argv.pop(0) == "dense" else "finetune"
+    sys.exit(main([command] + argv))
