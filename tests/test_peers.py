@@ -199,3 +199,25 @@ def test_matching_lands_on_target(name, dim, heads, keep):
     assert g == pytest.approx(evit_flops(d, keep_rate, [3, 6, 9])) and g == pytest.approx(target, rel=0.02)
     r_const, g_const = match_tome_r(d, target, constant=True)
     assert isinstance(r_const, int) and g_const == pytest.approx(target, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------- benchmark script
+def test_compare_replot_and_table(tmp_path, capsys):
+    import json
+    from bench import compare
+    args = compare.parse_args(["--device", "cpu"])
+    assert (args.batch, args.dtype, args.models, args.keep_rates) == (8, "fp32", ["deit_tiny"], [0.6, 0.4])
+    rows = [dict(model="deit_tiny", method="dense", keep_rate=None, gflops=1.25, gflops_vs_dense=1.0,
+                 images_per_s=10.0, images_per_s_runs=[9.0, 10.0, 11.0], speedup_vs_dense=1.0),
+            dict(model="deit_tiny", method="tome", keep_rate=0.6, gflops=0.83, gflops_vs_dense=0.66,
+                 images_per_s=14.0, images_per_s_runs=[14.0], speedup_vs_dense=1.4),
+            dict(model="deit_tiny", method="pm-kernels", keep_rate=0.6, gflops=0.83, gflops_vs_dense=0.66,
+                 error="RuntimeError: x")]
+    env = dict(label="CPU", device_type="cpu", device_name="cpu", batch=8, dtype="fp32", repeats=3,
+               versions={"torch": torch.__version__}, loadavg_start=[1.0, 1.0, 1.0], cpu_count=2, cpu_threads=2)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"env": env, "rows": rows, "notes": ["n"]}))
+    compare.main(["--replot", str(path)])
+    assert (tmp_path / "r.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "[CPU]" in out and "ERROR" in out and "9.0-11.0" in out
