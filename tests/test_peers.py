@@ -221,3 +221,27 @@ def test_compare_replot_and_table(tmp_path, capsys):
     assert (tmp_path / "r.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "[CPU]" in out and "ERROR" in out and "9.0-11.0" in out
+
+
+def test_tome_proportional_attention(tiny):
+    model = patch_tome(copy.deepcopy(tiny), 0)
+    attn = model.blocks[0].attn
+    torch.manual_seed(3)
+    x = torch.randn(2, 7, 48)
+    size = torch.randint(1, 5, (2, 7, 1)).float()
+    out, metric = attn(x, size=size)
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * 16 ** -0.5 + size.log()[:, None, None, :, 0]
+    ref = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metric, k.mean(1))
+
+
+@pytest.mark.parametrize("patch", ["tome", "evit"])
+def test_peers_run_in_bfloat16(tiny, images, patch):
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    model = patch_tome(model, 8) if patch == "tome" else patch_evit(model, 0.5)
+    with torch.inference_mode():
+        out = model(images.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
