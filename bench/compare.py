@@ -1,12 +1,15 @@
 """Side-by-side benchmark (issue 6): dense timm DeiT (SDPA) vs ToMe vs EViT vs Prune-and-Merge.
 
-One command measures, for each model, inference throughput (images/s: warm-up, then ``--repeats`` timed
-runs of ``--iters`` forwards each, device-synchronised, median reported), peak memory (CUDA only) and
+One command measures, for each model, inference throughput (images/s: every variant is built and warmed
+up, then timed round-robin, ``--repeats`` × variant, ``--iters`` forwards each, device-synchronised; the
+median over repeats is reported, min-max kept in the JSON and drawn as bars), peak memory (CUDA only) and
 analytic GFLOPs (``bench/peers/flops.py``: 1 MAC = 1 FLOP, the literature's convention) of:
 
 - ``dense``          timm DeiT, attention on ``F.scaled_dot_product_attention``;
 - ``pm-torch``       PM (``pm_kernels.compress``), every op on the pure-PyTorch backend;
-- ``pm-kernels``     the same PM model with ``backend="auto"`` (native / Triton kernels where available);
+- ``pm-kernels``     the same PM model with ``backend="auto"`` (native / Triton kernels where available; not
+                     timed when auto resolves to torch, e.g. on the CPU; ``--pm-kernels-backend cuda`` forces
+                     the compiled extension's token ops, its C++ kernels on the CPU);
 - ``pm-compile``     the PM model (``--compile-backend``, default torch) under ``torch.compile`` (``--compile``);
 - ``dense-compile``  the dense model under ``torch.compile`` (``--compile``), the fair reference for it;
 - ``tome``           ToMe with a per-block r schedule matched to the PM model's GFLOPs;
@@ -22,6 +25,7 @@ GFLOPs).
         --compile --out bench/results/compare_h100_bf16.json
     python bench/compare.py --device cpu --batch 8 --dtype fp32 --models deit_tiny \\
         --out bench/results/compare_cpu_deit_tiny.json          # CPU mode: labelled CPU everywhere
+    python bench/compare.py --replot bench/results/compare_cpu_deit_tiny.json   # redraw PNG, print table
 """
 import argparse
 import copy
