@@ -61,7 +61,7 @@ __global__ void reconstruct_merge_kernel(const scalar_t* __restrict__ z, const a
                                          const acc_t* __restrict__ Mn, int64_t B, int64_t N, int64_t K,
                                          int64_t Kn, int64_t C, int CT, scalar_t* __restrict__ x_next,
                                          scalar_t* __restrict__ z_next) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);  // [N][CT]
   const int lane_c = threadIdx.x % CT;
   const int row0 = threadIdx.x / CT;
