@@ -66,12 +66,15 @@ def _extension_setup():
         return [], {}
 
     cuda_home = None
+    found_home = _find_cuda_home()
+    if found_home is not None:
+        os.environ.setdefault("CUDA_HOME", found_home)  # so that torch does not guess a wrong one
     if _flag("PM_KERNELS_NO_CUDA"):
         _say("PM_KERNELS_NO_CUDA=1: building the CPU-only extension.")
     elif torch.version.cuda is None:
         _say(f"torch {torch.__version__} is a CPU-only build: building the CPU-only extension.")
     else:
-        cuda_home = _find_cuda_home()
+        cuda_home = found_home
         if cuda_home is None:
             _say("no CUDA toolkit found (set CUDA_HOME): building the CPU-only extension.")
         else:
