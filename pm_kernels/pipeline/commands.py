@@ -7,7 +7,7 @@ import torch
 
 from .data import DIGITS, DataBundle, load_data, make_loader
 from .io import PipelineError, load_scores, save_checkpoint, save_json, save_scores
-from .model import load_model
+from .model import DIGITS_VIT, load_model
 
 __all__ = ["cmd_train", "cmd_calibrate", "cmd_compress", "cmd_finetune", "cmd_evaluate", "cmd_visualize",
            "cmd_demo"]
@@ -41,12 +41,16 @@ def _data_for(args, model) -> DataBundle:
     return data
 
 
-def _load(args, path: Optional[str], num_classes=None, what="checkpoint"):
-    if path is None and getattr(args, "model", None) is None:
-        raise PipelineError(f"{what}: give --checkpoint (or --model to start from a fresh model)")
+def _load(args, path: Optional[str]):
+    """(model, meta) from ``path``, or a fresh ``--model`` fitted to ``--data`` (classes, channels, size)."""
     extra = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
-    if args.data == DIGITS and (args.model or "").startswith("digits") is False and path is None:
-        extra.update(in_chans=1, img_size=args.img_size or 32)
+    num_classes = None
+    if path is None:
+        if not getattr(args, "model", None):
+            raise PipelineError("checkpoint: give --checkpoint (or --model to start from a fresh model)")
+        if args.data == DIGITS and args.model != DIGITS_VIT:
+            extra.update(in_chans=1, img_size=args.img_size or 32)
+        num_classes = load_data(args.data, seed=args.seed, img_size=extra.get("img_size")).num_classes
     return load_model(path, getattr(args, "model", None), num_classes=num_classes, extra_kwargs=extra)
 
 
@@ -59,7 +63,8 @@ def _train_config(args, data: DataBundle, distill: bool):
                        alpha=args.alpha if distill else 0.0, tau=args.tau if distill else 20.0,
                        mixup=pick(args.mixup, 0.8), cutmix=pick(args.cutmix, 1.0), smoothing=pick(args.smoothing, 0.1),
                        authors_lr_quirk=getattr(args, "authors_lr_quirk", False), amp=args.amp, seed=args.seed,
-                       workers=args.workers, max_iters=args.max_iters, progress=not args.quiet)
+                       workers=args.workers, max_iters=args.max_iters, progress=not args.quiet,
+                       freeze_structure=not distill)
 
 
 def _run_training(args, device, distill: bool) -> None:

@@ -44,11 +44,11 @@ def default_threads() -> int:
 class DemoConfig:
     seed: int = 0
     model_kwargs: Dict[str, object] = field(default_factory=dict)
-    batch_size: int = 64
-    dense_epochs: float = 12.0
+    batch_size: int = 32
+    dense_epochs: float = 16.0
     dense_lr: float = 2e-3
     dense_weight_decay: float = 0.05
-    warmup_iters: int = 20
+    warmup_iters: int = 40
     calib_iters: int = 20
     keep_rates: Tuple[float, ...] = (0.6, 0.4)
     prune_rate: float = 0.1
@@ -59,7 +59,7 @@ class DemoConfig:
     speed_repeats: int = 5
 
 
-QUICK = dict(dense_epochs=6.0, ft_epochs=2.0, calib_iters=8, keep_rates=(0.6,), speed_repeats=2)
+QUICK = dict(dense_epochs=12.0, ft_epochs=2.0, calib_iters=8, keep_rates=(0.6,), speed_repeats=2)
 
 
 def _cycle(loader, n: int):
@@ -93,7 +93,8 @@ def run_demo(out: str, cfg: Optional[DemoConfig] = None, device=None, progress: 
     t = time.perf_counter()
     hist = train(dense, data, TrainConfig(epochs=cfg.dense_epochs, batch_size=cfg.batch_size, lr=cfg.dense_lr,
                                           weight_decay=cfg.dense_weight_decay, warmup_iters=cfg.warmup_iters,
-                                          alpha=0.0, seed=cfg.seed, progress=progress), device=device)
+                                          alpha=0.0, seed=cfg.seed, progress=progress,
+                                          freeze_structure=True), device=device)
     timings["train_dense_s"] = time.perf_counter() - t
     save_checkpoint(dense, os.path.join(out, "dense.pth"), dict(meta, stage="dense", train=hist))
     log(f"dense model trained: {cfg.dense_epochs:g} epochs in {timings['train_dense_s']:.1f} s")

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     max_iters: Optional[int] = None  # stop after this many iterations (smoke tests)
+    freeze_structure: bool = False   # keep every block's M, R fixed (dense training: M = R = I)
     progress: bool = True
 
     def scaled_lr(self, world_size: int = 1) -> float:
@@ -145,6 +146,11 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
     if len(loader) == 0:
         raise PipelineError(f"data: fewer training images ({len(data.train)}) than one batch ({cfg.batch_size})")
     lr = cfg.scaled_lr(info["world_size"])
+    frozen = []
+    if cfg.freeze_structure:
+        frozen = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("M", "R") and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
     groups = param_groups(model, lr, cfg.weight_decay, cfg.authors_lr_quirk)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     net = model
@@ -186,5 +192,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
         history["epoch_loss"].append(running / max(1, count))
         epoch += 1
     bar.close()
+    for p in frozen:
+        p.requires_grad_(True)
     model.eval()
     return history

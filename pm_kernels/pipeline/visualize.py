@@ -39,7 +39,7 @@ def _colour_table(n: int) -> torch.Tensor:
 
 
 def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float], std: Sequence[float],
-                     title: str = "", alpha: float = 0.6) -> str:
+                     title: str = "", alpha: float = 0.75) -> str:
     """Write the PNG: the image, then one panel per block. ``image`` is one normalised (C, H, W) input."""
     import matplotlib
     matplotlib.use("Agg")
@@ -73,12 +73,13 @@ def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float
         a = layer_assignment(blk.M, blk.keep_mask)
         colours = _colour_table(int(blk.M.shape[0]))
         overlay = torch.zeros(h, w, 4)
-        owner = a["owner"].view(h, w)
+        owner, centre = a["owner"].view(h, w), a["is_centre"].view(h, w)
         for r in range(h):
             for c in range(w):
                 o = int(owner[r, c])
+                shade = alpha if bool(centre[r, c]) else 0.65 * alpha  # merged patches a little lighter
                 overlay[r, c] = torch.tensor([0, 0, 0, 0.85]) if o < 0 else torch.cat(
-                    [colours[o + 1], torch.tensor([alpha])])
+                    [colours[o + 1], torch.tensor([shade])])
         ax.imshow(overlay.numpy(), extent=(0, W, H, 0), interpolation="nearest")
         centres = torch.nonzero(a["is_centre"]).flatten()
         ax.scatter((centres % w).float().add(0.5).mul(pw).numpy(), (centres // w).float().add(0.5).mul(ph).numpy(),
