@@ -22,8 +22,8 @@ __all__ = ["attention"]
 # Backends in the order "auto" tries them; the compiled extension has no attention kernel.
 _SUPPORTED = ("triton", "torch")
 # What the Triton kernels handle (pm_kernels/kernels/attention_triton.py); "auto" falls back to torch otherwise.
-_TRITON_HEAD_DIMS = (32, 64, 128)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_HEAD_DIMS = (32, 64, 128)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_inputs(q, k, v, scale, score):
@@ -41,17 +41,18 @@ def _check_inputs(q, k, v, scale, score):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
 
 
-def _triton_supports(q: torch.Tensor) -> bool:
-    return q.dtype in _TRITON_DTYPES and q.shape[-1] in _TRITON_HEAD_DIMS
+def triton_supports(q: torch.Tensor) -> bool:
+    return q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
 
 
-def _check_triton(q: torch.Tensor) -> None:
-    if q.dtype not in _TRITON_DTYPES:
+def check_triton_inputs(q: torch.Tensor) -> None:
+    """Raise ValueError unless the Triton kernels support q's dtype and head dim (k, v are checked like q)."""
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q: the triton attention backend supports dtypes float32, float16, bfloat16, "
                          f"got {str(q.dtype).replace('torch.', '')} (use backend='torch')")
-    if q.shape[-1] not in _TRITON_HEAD_DIMS:
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ValueError(f"q: the triton attention backend supports head dims "
-                         f"{', '.join(map(str, _TRITON_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
+                         f"{', '.join(map(str, TRITON_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
 
 
 # ------------------------------------------------------------------------------------- custom ops
@@ -122,10 +123,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     _check_inputs(q, k, v, scale, score)
     name = _select_backend(backend, q.device, _SUPPORTED, auto_order=_SUPPORTED)
     if name == "triton":
-        if backend == "auto" and not _triton_supports(q):
+        if backend == "auto" and not triton_supports(q):
             name = "torch"
         else:
-            _check_triton(q)
+            check_triton_inputs(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if name == "torch" and score is None:

@@ -27,18 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention import check_triton_inputs
+
 __all__ = [
-    "SUPPORTED_HEAD_DIMS",
-    "SUPPORTED_DTYPES",
-    "check_triton_inputs",
     "attention_fwd",
     "attention_bwd",
     "TritonAttentionFunction",
     "triton_attention",
 ]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -327,22 +324,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"  # ignored by tl.dot for half-precision operands
-
-
-# --------------------------------------------------------------------------------------------- checks
-
-def check_triton_inputs(q: torch.Tensor) -> None:
-    """Raise ValueError unless the Triton kernels support q's dtype and head dim (k, v are checked like q)."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q: the triton attention backend supports dtypes float32, float16, bfloat16, "
-                         f"got {str(q.dtype).replace('torch.', '')} (use backend='torch')")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: the triton attention backend supports head dims "
-                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
-
-
-def triton_supports(q: torch.Tensor) -> bool:
-    return q.dtype in SUPPORTED_DTYPES and q.dim() == 4 and q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
 # ------------------------------------------------------------------------------------------ launchers
