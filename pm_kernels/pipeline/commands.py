@@ -87,18 +87,22 @@ def _run_training(args, device, distill: bool) -> None:
             raise PipelineError("finetune: give --teacher (the dense checkpoint) or --alpha 0 for no distillation")
     cfg = _train_config(args, data, distill)
     t = time.perf_counter()
-    hist = train(model, data, cfg, teacher=teacher, device=device)
-    elapsed = time.perf_counter() - t
-    if info["rank"] != 0:
-        return
-    top1 = accuracy(model, make_loader(data.test, args.batch_size, train=False), device, progress=not args.quiet)
-    stage = "finetuned" if distill else "dense"
-    if distill or any(blk.M.shape[0] != blk.M.shape[1] for blk in model.blocks):
-        stage = "finetuned"
-    save_checkpoint(model, args.out, dict(meta, stage=stage, data=args.data, train=hist))
-    save_json({"command": args.command, "args": _args_dict(args), "top1": top1, "train_s": elapsed,
-               "history": hist}, _json_path(args.out))
-    _log(args, f"top-1 {top1:.2f}% on {len(data.test)} test images; wrote {args.out}")
+    try:
+        hist = train(model, data, cfg, teacher=teacher, device=device)
+        elapsed = time.perf_counter() - t
+        if info["rank"] == 0:
+            test_loader = make_loader(data.test, args.batch_size, train=False)
+            top1 = accuracy(model, test_loader, device, progress=not args.quiet)
+            compressed = any(blk.M.shape[0] != blk.M.shape[1] for blk in model.blocks)
+            stage = "finetuned" if (distill or compressed) else "dense"
+            save_checkpoint(model, args.out, dict(meta, stage=stage, data=args.data, train=hist))
+            save_json({"command": args.command, "args": _args_dict(args), "top1": top1, "train_s": elapsed,
+                       "world_size": info["world_size"], "history": hist}, _json_path(args.out))
+            _log(args, f"top-1 {top1:.2f}% on {len(data.test)} test images; wrote {args.out}")
+    finally:
+        if info["distributed"] and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def cmd_train(args, device) -> None:
