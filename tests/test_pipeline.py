@@ -10,10 +10,10 @@ import torch
 
 from pm_kernels import compress, is_patched
 from pm_kernels.cli import main
-from pm_kernels.pipeline.data import load_data, make_loader
+from pm_kernels.pipeline.data import load_data
 from pm_kernels.pipeline.demo import QUICK, DemoConfig, run_demo
 from pm_kernels.pipeline.finetune import DistillationLoss, TrainConfig, param_groups, train
-from pm_kernels.pipeline.io import PipelineError, atomic_write, load_scores, save_checkpoint, save_scores
+from pm_kernels.pipeline.io import atomic_write, load_scores, save_checkpoint, save_scores
 from pm_kernels.pipeline.model import build_model, load_model
 
 # Reduced demo budget (QUICK): PM at keep 0.6 must stay within this many top-1 points of dense.

@@ -121,6 +121,7 @@ def plot_accuracy_vs_keep(rows: List[Dict[str, object]], path: str, title: Optio
     for r in dense:
         ax.plot([1.0], [r["top1"]], "*", markersize=14, color="C3", label=f"dense ({r['top1']:.1f})")
         ax.axhline(r["top1"], color="C3", lw=0.8, ls="--")
+    ax.margins(y=0.2)
     ax.set_xlabel("keep rate")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or "accuracy vs keep rate")
