@@ -3,9 +3,14 @@
 ``dense`` (the default when the first argument is an option) is ``pm-kernels train``; ``finetune`` is
 ``pm-kernels finetune`` (distillation from ``--teacher``).
 """
+import os
 import sys
 
-from pm_kernels.cli import main
+try:
+    from pm_kernels.cli import main
+except ImportError:  # not installed: run from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pm_kernels.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -2,7 +2,8 @@
 
 GFLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass of one image (matmuls,
 attention, convolutions: 2 FLOPs per multiply-add; the merge M·x and reconstruct R·z products included;
-norms, activations and softmax excluded, as in fvcore-style counts). Images/s is the median of timed
+norms, activations and softmax excluded). The paper's "GFLOPs" (DeiT-S: 4.6) are fvcore multiply-accumulates:
+half of ours; each row also carries ``gmacs`` in that unit. Images/s is the median of timed
 no-grad forward passes after warm-up, same batch size and thread count for every model.
 """
 import statistics
@@ -85,9 +86,11 @@ def evaluate_models(models: Dict[str, nn.Module], loader, input_shape: Sequence[
         rows.append({"model": name, "keep": round(mean_keep(model), 3),
                      "top1": accuracy(model, loader, device, progress=progress),
                      "gflops": gflops(model, input_shape, device),
+                     "gmacs": None,
                      "images_per_s": throughput(model, input_shape, batch_size, device, repeats=repeats)})
     dense = next((r for r in rows if r["keep"] == 1.0), rows[0])
     for r in rows:
+        r["gmacs"] = r["gflops"] / 2
         r["delta_top1"] = r["top1"] - dense["top1"]
         r["speedup"] = r["images_per_s"] / dense["images_per_s"]
     return rows
