@@ -36,7 +36,8 @@ def build_model(name: str, model_kwargs: Optional[Dict[str, Any]] = None) -> tor
     except PipelineError:
         raise
     except (TypeError, ValueError, RuntimeError) as err:
-        raise PipelineError(f"model {name!r}: {str(err).splitlines()[0]}") from None
+        hint = "" if "VisionTransformer" in str(err) else " (expected a timm ViT/DeiT)"
+        raise PipelineError(f"model {name!r}: {str(err).splitlines()[0]}{hint}") from None
     return model
 
 
