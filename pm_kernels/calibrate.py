@@ -21,10 +21,16 @@ def _check_dense_pm(model) -> int:
         raise TypeError("model: expected a model patched by pm_kernels.patch_timm (the dense, identity structure); "
                         f"got {type(model).__name__} with unpatched blocks")
     n = num_tokens(model)
+    eye = None
     for i, blk in enumerate(model.blocks):
         if blk.M.shape[0] != n:
             raise ValueError(f"model.blocks[{i}]: calibration runs on the dense model (M = I, K = N = {n}); "
                              f"this block keeps K = {blk.M.shape[0]} tokens. Calibrate before compress.")
+        eye = torch.eye(n, dtype=blk.M.dtype, device=blk.M.device) if eye is None else eye
+        if not (torch.allclose(blk.M, eye) and torch.allclose(blk.R, eye) and bool(blk.keep_mask.all())):
+            raise ValueError(f"model.blocks[{i}]: calibration runs on the dense model, but this block's M / R are "
+                             "not the identity (were they trained?) or it prunes tokens; freeze M and R while "
+                             "training the dense model (requires_grad_(False))")
     return n
 
 

@@ -158,5 +158,9 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: f
     for layer in range(n_layers):
         pruned = s_hat[layer] < tau_p
         centres = (s_hat[layer] >= tau_k) & ~pruned
+        if not bool(centres.any()) and not bool(pruned.all()):
+            # Not in the SPEC: a layer below τ_k everywhere would have merged tokens and no centre to merge
+            # them into (tiny grids, steep depth discount); its best unpruned patch becomes the centre.
+            centres[torch.where(pruned, -math.inf, s_hat[layer]).argmax()] = True
         structures.append(LayerStructure(pruned=pruned.to(scores.device), centres=centres.to(scores.device)))
     return structures

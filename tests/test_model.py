@@ -225,3 +225,7 @@ def test_calibrate_rejects_wrong_models_and_batches():
         pm_kernels.calibrate(dense, [])
     with pytest.raises(TypeError, match="batches"):
         pm_kernels.calibrate(dense, [torch.randn(2, 3, 16, 16)])
+    with torch.no_grad():
+        dense.blocks[1].M.add_(1e-2)  # trained away from the identity
+    with pytest.raises(ValueError, match="identity"):
+        pm_kernels.calibrate(dense, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))])

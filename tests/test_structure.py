@@ -190,3 +190,14 @@ def test_build_merge_matrix_rejects_bad_input():
         pm_kernels.build_merge_matrix(scores, both, centres, (3, 4))
     with pytest.raises(ValueError, match="M"):
         pm_kernels.init_reconstruct(torch.rand(5, 3))
+
+
+def test_layer_without_centre_gets_its_best_patch():
+    # After normalisation layer 1's top two patches outrank every patch of the flat layer 0, so with two
+    # centres in all, layer 0 would merge its patches into nothing: its best (first, by argmax) patch is promoted.
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.9, 0.9]])
+    structure = pm_kernels.search_structure(scores, keep_rate=0.25, prune_rate=0.0, depth_discount=0.0)
+    assert structure[1].centres.tolist() == [True, True, False, False]
+    assert int(structure[0].centres.sum()) == 1
+    M = pm_kernels.build_merge_matrix(scores[0], structure[0].pruned, structure[0].centres, (2, 2))
+    assert M.shape == (2, 5) and torch.all(M[1, 1:] > 0)
