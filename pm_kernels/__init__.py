@@ -7,6 +7,7 @@
 """
 from . import models  # noqa: F401  (registers the pm_* timm models)
 from .attention import attention
+from . import flop_count  # noqa: F401  (FLOP formulas for the attention ops, after they are registered)
 from .backends import backends
 from .block import fused_block
 from .calibrate import calibrate
