@@ -1,0 +1,57 @@
+"""bench/peers_digits.py: the pieces that do not need the (minutes-long) training run."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench import peers_digits as pdg  # noqa: E402
+from bench.peers import dims_from_model, match_evit_keep_rate, match_tome_r, patch_evit, patch_tome  # noqa: E402
+from bench.peers.flops import pm_flops  # noqa: E402
+from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model  # noqa: E402
+
+
+def test_plain_vit_computes_the_dense_pm_model():
+    torch.manual_seed(0)
+    pm = build_model(DIGITS_VIT).eval()
+    vit = pdg.plain_vit(pm, DIGITS_VIT_KWARGS)
+    x = torch.randn(3, *pdg.INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), pm(x), atol=1e-4, rtol=1e-4)
+    assert type(vit.blocks[0]).__name__ == "Block"   # ToMe / EViT need plain timm blocks
+    patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 5)(x)
+    patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0.5, [1, 2, 3])(x)
+
+
+def test_matching_lands_near_pm(tmp_path):
+    from pm_kernels import compress
+    torch.manual_seed(0)
+    pm = build_model(DIGITS_VIT).eval()
+    vit = pdg.plain_vit(pm, DIGITS_VIT_KWARGS)
+    d = dims_from_model(vit)
+    compress(pm, torch.rand(4, 64) + 1e-3, keep_rate=0.6, prune_rate=0.1)
+    target = pm_flops(pm)
+    _, g_tome = match_tome_r(d, target)
+    _, g_evit = match_evit_keep_rate(d, target, [1, 2, 3])
+    assert abs(g_tome - target) / target < 0.03 and abs(g_evit - target) / target < 0.03
+
+    rows = [dict(method="dense", keep_rate=None, gmacs=0.0107, top1=98.0, setting="plain"),
+            dict(method="PM", keep_rate=0.6, gmacs=target, top1=97.5, setting="K", top1_before_finetune=90.0),
+            dict(method="ToMe", keep_rate=0.6, gmacs=g_tome, top1=97.0, setting="r"),
+            dict(method="EViT", keep_rate=0.6, gmacs=g_evit, top1=96.0, setting="k")]
+    for r in rows:
+        r.update(images_per_s=100.0, delta_top1=r["top1"] - 98.0, speedup=1.0)
+    table = pdg.format_rows(rows)
+    assert len(table.splitlines()) == 6 and "ToMe" in table
+    result = {"rows": rows, "evit_locations": [1, 2, 3], "n_test": 450, "config": {"seed": 0, "ft_epochs": 4.0},
+              "env": {"cpu_name": "cpu", "threads": 1, "loadavg_start": [1.0], "cpu_count": 2}}
+    pdg.plot(result, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_interleaved_speed_shape():
+    torch.manual_seed(0)
+    vit = pdg.plain_vit(build_model(DIGITS_VIT).eval(), DIGITS_VIT_KWARGS)
+    runs = pdg.interleaved_speed([vit, vit], batch=4, rounds=2, min_time=0.01)
+    assert len(runs) == 2 and all(len(r) == 2 and min(r) > 0 for r in runs)
