@@ -10,6 +10,7 @@ analytic GFLOPs (``bench/peers/flops.py``: 1 MAC = 1 FLOP, the literature's conv
 - ``pm-kernels``     the same PM model with ``backend="auto"`` (native / Triton kernels where available; not
                      timed when auto resolves to torch, e.g. on the CPU; ``--pm-kernels-backend cuda`` forces
                      the compiled extension's token ops, its C++ kernels on the CPU);
+- ``pm-optimized``   ``pm_kernels.optimize`` of the PM model (boundaries folded; GFLOPs traced), backend auto;
 - ``pm-compile``     the PM model (``--compile-backend``, default torch) under ``torch.compile`` (``--compile``);
 - ``dense-compile``  the dense model under ``torch.compile`` (``--compile``), the fair reference for it;
 - ``tome``           ToMe with a per-block r schedule matched to the PM model's GFLOPs;
@@ -139,6 +140,7 @@ def _pm_api():
     try:
         import pm_kernels
         return {"compress": pm_kernels.compress, "set_backend": pm_kernels.set_backend,
+                "optimize": pm_kernels.optimize,
                 "calibrate": pm_kernels.calibrate, "patch_timm": pm_kernels.patch_timm}, None
     except Exception as err:  # noqa: BLE001
         return None, f"pm_kernels not importable: {type(err).__name__}: {err}"
@@ -156,6 +158,14 @@ def pm_scores(api, dense, mode: str, x, n_batches: int, seed: int):
                for _ in range(n_batches)]
     scores = api["calibrate"](model, batches)
     return scores.detach().float().cpu()
+
+
+def traced_gmacs(model, x) -> float:
+    """Multiply-accumulates (billions) of one image through ``model``, by FlopCounterMode (2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.to(x.device, torch.float32)(x[:1].float())
+    return counter.get_total_flops() / 2e9
 
 
 # --------------------------------------------------------------------------------------------- one model
@@ -242,6 +252,10 @@ def bench_model(name, args, device, dtype, api, api_error):
             else:
                 row = run("pm-kernels", keep, lambda: pm_build(args.pm_kernels_backend), target, pm_extra)
                 row["pm_backend"] = auto
+            # The inference fast path: every block boundary folded into one small matmul (pm_kernels.optimize);
+            # it does fewer MACs than the unfolded model, so its GFLOPs are counted by tracing, not estimated.
+            optimized = lambda: api["optimize"](pm_build("auto"))  # noqa: E731
+            run("pm-optimized", keep, optimized, traced_gmacs(optimized(), x), pm_extra)
             if args.compile:
                 run("pm-compile", keep, lambda: pm_build(args.compile_backend), target,
                     dict(pm_extra, compile_backend=args.compile_backend), compile_model=True)
@@ -300,7 +314,7 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    markers = {"dense": "o", "dense-compile": "h", "pm-torch": "s", "pm-kernels": "D", "pm-compile": "P",
+    markers = {"dense": "o", "dense-compile": "h", "pm-torch": "s", "pm-kernels": "D", "pm-optimized": "*", "pm-compile": "P",
                "tome": "^", "evit": "v"}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
