@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from . import token_ops
 from .attention import attention
-from .block import fused_block
+from .block import check_block_inputs, fused_block, transformer_body
 from .structure import LayerStructure, build_merge_matrix, identity_structure, init_reconstruct, search_structure
 
-__all__ = ["PMBlock", "PMAttention", "patch_timm", "is_patched", "num_tokens", "set_backend"]
+__all__ = ["PMBlock", "PMBlocks", "PMAttention", "patch_timm", "is_patched", "num_tokens", "set_backend"]
 
 
 class PMAttention(Attention):
@@ -82,6 +83,29 @@ class PMBlock(Block):
             state_dict = dict(state_dict)
             state_dict.update(zip(keys, (eye, eye, torch.ones(n, dtype=torch.bool))))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PMBlocks(torch.nn.Sequential):
+    """``model.blocks`` of a PM model: runs the blocks with each boundary as one fused op.
+
+    Block by block, SPEC §1 is merge → body → reconstruct; chained, the reconstruct of block l and the merge of
+    block l+1 become one ``reconstruct_merge`` (one pass over the N-token activations instead of two).
+    Same math, same state-dict keys; each block still works alone (``blocks[i](x)``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        for blk in blocks:
+            check_block_inputs(x, blk.M, blk.R, blk.keep_mask)
+        z = token_ops.dispatch_merge(x, blocks[0].M, blocks[0].backend)
+        for layer, blk in enumerate(blocks):
+            z = transformer_body(blk, z)
+            if layer + 1 < len(blocks):
+                x, z = token_ops.reconstruct_merge(z, blk.R, x, blk.keep_mask, blocks[layer + 1].M,
+                                                   backend=blk.backend)
+            else:
+                x = token_ops.reconstruct(z, blk.R, x, blk.keep_mask, backend=blk.backend)
+        return x
 
 
 def is_patched(model) -> bool:
@@ -159,4 +183,6 @@ def patch_timm(model: VisionTransformer, structure: Optional[Sequence[LayerStruc
             blk.__class__ = PMBlock
             blk.attn.__class__ = PMAttention
         blk.set_structure(M, R, keep_mask)
+    if isinstance(model.blocks, torch.nn.Sequential) and not isinstance(model.blocks, PMBlocks):
+        model.blocks.__class__ = PMBlocks
     return model

@@ -71,6 +71,30 @@ def test_patched_block_uses_its_structure():
     assert blk.M.shape[0] < 17
 
 
+def test_chained_blocks_equal_block_by_block():
+    model, _ = random_structure_model()
+    assert type(model.blocks).__name__ == "PMBlocks"
+    x = torch.randn(2, 17, 32, requires_grad=True)
+
+    def one_by_one(h):
+        for blk in model.blocks:
+            h = blk(h)
+        return h
+
+    outs, grads = [], []
+    for run in (model.blocks, one_by_one):  # chained reconstruct_merge vs merge/reconstruct per block
+        model.zero_grad()
+        x.grad = None
+        out = run(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert len(grads[0]) == len(grads[1])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_block_gradcheck():
     block, x, M, R, keep_mask = _block_and_inputs(torch.float64, n=6, k=4, c=8)
     for t in (x, M, R):
