@@ -36,6 +36,6 @@ def fused_block(x: torch.Tensor, block: nn.Module, M: torch.Tensor, R: torch.Ten
     ``backend`` picks the merge/reconstruct kernels (auto | cuda | triton | torch).
     """
     check_block_inputs(x, M, R, keep_mask)
-    z = token_ops.merge(x, M, backend=backend)
+    z = token_ops.dispatch_merge(x, M, backend)
     z = transformer_body(block, z)
-    return token_ops.reconstruct(z, R, x, keep_mask, backend=backend)
+    return token_ops.dispatch_reconstruct(z, R, x, keep_mask, backend)

@@ -95,16 +95,16 @@ class PMBlocks(torch.nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self)
-        for blk in blocks:
+        for blk in blocks:  # every check once, before any compute; the token ops below then skip theirs
             check_block_inputs(x, blk.M, blk.R, blk.keep_mask)
         z = token_ops.dispatch_merge(x, blocks[0].M, blocks[0].backend)
         for layer, blk in enumerate(blocks):
             z = transformer_body(blk, z)
             if layer + 1 < len(blocks):
-                x, z = token_ops.reconstruct_merge(z, blk.R, x, blk.keep_mask, blocks[layer + 1].M,
-                                                   backend=blk.backend)
+                x, z = token_ops.dispatch_reconstruct_merge(z, blk.R, x, blk.keep_mask, blocks[layer + 1].M,
+                                                            blk.backend)
             else:
-                x = token_ops.reconstruct(z, blk.R, x, blk.keep_mask, backend=blk.backend)
+                x = token_ops.dispatch_reconstruct(z, blk.R, x, blk.keep_mask, blk.backend)
         return x
 
 

@@ -68,6 +68,11 @@ def reconstruct(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: to
     """x' = R @ z + (1 − keep_mask) ⊙ x (SPEC §1 reconstruct + shortcut) → (B, N, C)."""
     _check_reconstruct(z, R, x, keep_mask)
     check_same_device(z=z, R=R, x=x, keep_mask=keep_mask)
+    return dispatch_reconstruct(z, R, x, keep_mask, backend)
+
+
+def dispatch_reconstruct(z, R, x, keep_mask, backend: str = "auto") -> torch.Tensor:
+    """``reconstruct`` on the chosen backend, with no input checks (callers check once)."""
     name = _backends.select(backend, x.device, _SUPPORTED, auto_order=_SUPPORTED)
     if name == "torch":
         return _ref.reconstruct_reference(z, R, x, keep_mask)
@@ -80,6 +85,11 @@ def reconstruct_merge(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_ma
     _check_reconstruct(z, R, x, keep_mask)
     _check_merge_matrix("M_next", M_next, x.shape[1])
     check_same_device(z=z, R=R, x=x, keep_mask=keep_mask, M_next=M_next)
+    return dispatch_reconstruct_merge(z, R, x, keep_mask, M_next, backend)
+
+
+def dispatch_reconstruct_merge(z, R, x, keep_mask, M_next, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reconstruct_merge`` on the chosen backend, with no input checks (callers check once)."""
     name = _backends.select(backend, x.device, _SUPPORTED, auto_order=_SUPPORTED)
     if name == "torch":
         return _ref.reconstruct_merge_reference(z, R, x, keep_mask, M_next)
