@@ -103,5 +103,33 @@ inline void check_matrix_grad(const at::Tensor& g, const at::Tensor& y, at::Scal
 // The dtype a kernel accumulates in (and holds M/R in) for activations of dtype `t`.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The matrix operand in the accumulation dtype, contiguous.
+inline at::Tensor acc_matrix(const at::Tensor& W, at::ScalarType act) { return W.to(acc_dtype(act)).contiguous(); }
+
+// Operands and sizes of out = W y (+ add on pruned rows), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
+// W is read through strides (si, sj), so Wᵀ costs no copy. Shared by the CPU and CUDA launchers.
+struct ApplyPlan {
+  at::Tensor y, W, add, keep, out;
+  int64_t I, J, si, sj, B, C;
+};
+
+inline ApplyPlan plan_apply(const at::Tensor& W_in, bool transpose, const at::Tensor& y_in,
+                            const at::Tensor* add_in, const at::Tensor* keep_in) {
+  ApplyPlan p;
+  p.y = y_in.contiguous();
+  p.W = acc_matrix(W_in, p.y.scalar_type());
+  p.I = transpose ? p.W.size(1) : p.W.size(0);
+  p.J = transpose ? p.W.size(0) : p.W.size(1);
+  p.si = transpose ? 1 : p.W.size(1);
+  p.sj = transpose ? p.W.size(1) : 1;
+  p.B = p.y.size(0);
+  p.C = p.y.size(2);
+  TORCH_CHECK(p.y.size(1) == p.J, "pm_kernels: internal shape mismatch");
+  p.out = at::empty({p.B, p.I, p.C}, p.y.options());
+  if (add_in != nullptr) p.add = add_in->contiguous();
+  if (keep_in != nullptr) p.keep = keep_in->contiguous();
+  return p;
+}
+
 
 }  // namespace pm_kernels

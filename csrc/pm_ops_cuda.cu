@@ -127,34 +127,21 @@ __global__ void matrix_grad_kernel(const scalar_t* __restrict__ g, const scalar_
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-at::Tensor acc_matrix(const at::Tensor& W, at::ScalarType act) { return W.to(acc_dtype(act)).contiguous(); }
-
 // out = W y (+ add on pruned rows), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
 at::Tensor apply_dispatch_cuda(const at::Tensor& W_in, bool transpose, const at::Tensor& y_in,
                                const at::Tensor* add_in, const at::Tensor* keep_in) {
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor W = acc_matrix(W_in, y.scalar_type());
-  const int64_t I = transpose ? W.size(1) : W.size(0);
-  const int64_t J = transpose ? W.size(0) : W.size(1);
-  const int64_t si = transpose ? 1 : W.size(1);
-  const int64_t sj = transpose ? W.size(1) : 1;
-  const int64_t B = y.size(0), C = y.size(2);
-  TORCH_CHECK(y.size(1) == J, "pm_kernels: internal shape mismatch");
-  at::Tensor out = at::empty({B, I, C}, y.options());
-  at::Tensor add, keep;
-  if (add_in != nullptr) add = add_in->contiguous();
-  if (keep_in != nullptr) keep = keep_in->contiguous();
-  if (out.numel() == 0) return out;
+  ApplyPlan p = plan_apply(W_in, transpose, y_in, add_in, keep_in);
+  if (p.out.numel() == 0) return p.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "pm_kernels_apply_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.y.scalar_type(), "pm_kernels_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    apply_kernel<scalar_t, acc_t><<<grid_for(out.numel(), kThreads), kThreads, 0, stream>>>(
-        W.data_ptr<acc_t>(), si, sj, I, J, y.data_ptr<scalar_t>(), B, C,
-        add.defined() ? add.data_ptr<scalar_t>() : nullptr, keep.defined() ? keep.data_ptr<bool>() : nullptr,
-        out.data_ptr<scalar_t>());
+    apply_kernel<scalar_t, acc_t><<<grid_for(p.out.numel(), kThreads), kThreads, 0, stream>>>(
+        p.W.data_ptr<acc_t>(), p.si, p.sj, p.I, p.J, p.y.data_ptr<scalar_t>(), p.B, p.C,
+        p.add.defined() ? p.add.data_ptr<scalar_t>() : nullptr,
+        p.keep.defined() ? p.keep.data_ptr<bool>() : nullptr, p.out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return p.out;
 }
 
 at::Tensor merge_fwd_cuda(const at::Tensor& x, const at::Tensor& M) {
