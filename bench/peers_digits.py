@@ -28,11 +28,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+import sklearn
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +41,7 @@ if _ROOT not in sys.path:
 
 from bench.peers import (default_locations, dense_flops, dims_from_model, evit_flops,  # noqa: E402
                          match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, pm_flops, tome_flops)
+from bench.compare import _versions  # noqa: E402
 from bench.peers.flops import pm_token_counts  # noqa: E402
 from pm_kernels.pipeline.data import load_data, make_loader  # noqa: E402
 from pm_kernels.pipeline.demo import DemoConfig, run_demo  # noqa: E402
@@ -60,19 +61,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    import sklearn
-    import timm
-    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "sklearn": sklearn.__version__}
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        out["git_commit"] = None
-    return out
 
 
 def plain_vit(pm_dense: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
@@ -261,7 +249,7 @@ def main(argv=None):
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(),
                 "threads": torch.get_num_threads(), "loadavg_start": loadavg_start,
-                "loadavg_end": list(os.getloadavg()), "versions": versions()},
+                "loadavg_end": list(os.getloadavg()), "versions": dict(_versions(), sklearn=sklearn.__version__)},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         "finetune_config": ft_cfg.__dict__ if cfg.keep_rates else None,
         "evit_locations": locs,
