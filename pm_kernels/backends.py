@@ -19,7 +19,8 @@ import torch
 BACKENDS = ("cuda", "triton", "torch")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -43,7 +44,7 @@ def _probe_triton() -> Tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as err:  # ImportError, or a broken install
         return False, f"triton cannot be imported ({err})"
-    return True, f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _interpreting() else "")
+    return True, f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if interpreting() else "")
 
 
 def _probe_extension() -> Tuple[bool, str]:
@@ -60,7 +61,7 @@ def backends() -> Dict[str, str]:
     status = {}
     for name, (ok, why) in (("cuda", _extension_status()), ("triton", _triton_status()),
                             ("torch", (True, f"torch {torch.__version__}"))):
-        if name == "triton" and ok and not torch.cuda.is_available() and not _interpreting():
+        if name == "triton" and ok and not torch.cuda.is_available() and not interpreting():
             ok, why = False, f"{why}, but no CUDA device (set TRITON_INTERPRET=1 to run it on the CPU)"
         status[name] = ("available: " if ok else "unavailable: ") + why
     return status
@@ -73,7 +74,7 @@ def usable(name: str, device: torch.device) -> bool:
     if name == "cuda":
         return _extension_status()[0] and device.type in ("cuda", "cpu")
     if name == "triton":
-        return _triton_status()[0] and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+        return _triton_status()[0] and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
     return False
 
 

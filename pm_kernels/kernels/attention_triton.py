@@ -20,7 +20,6 @@ Under ``TRITON_INTERPRET=1`` (the CPU test mode) the kernels run one fixed confi
 operand to fp32 (the interpreter's half-precision ``tl.dot`` is wrong); on a GPU they are autotuned.
 """
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..attention import check_triton_inputs
+from ..backends import interpreting
 
 __all__ = [
     "attention_fwd",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 _LOG2E = 1.4426950408889634
 # Fixed block sizes used under the interpreter (small: the interpreter is slow, and several key/query
 # blocks per test shape exercise the masking and the online softmax).

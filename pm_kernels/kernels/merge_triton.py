@@ -29,7 +29,6 @@ Kernels (all tile one batch element × one channel block, accumulate in fp32):
 - ``_batch_outer_sum_kernel``: out[p, q] = Σ_b Σ_c A[b, p, c] · B[b, q, c], the weight gradients
   dM = Σ_b dz xᵀ and dR = Σ_b dx' zᵀ (a Triton reduction kernel, split over the batch; no einsum).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,12 +36,11 @@ import triton
 import triton.language as tl
 
 from .. import reference as _ref
+from ..backends import interpreting
 
 __all__ = ["merge", "reconstruct", "reconstruct_merge"]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -52,7 +50,7 @@ def _dot_dtype(dtype: torch.dtype):
     """Operand dtype of tl.dot: x's dtype on a GPU (tensor cores, fp32 accumulation); fp32 when
     interpreting, because the interpreter's half-precision dot is wrong (values are first rounded to
     x's dtype, so the result is the one the GPU computes)."""
-    if _interpreting():
+    if interpreting():
         return tl.float32
     return _TL_DTYPE[dtype]
 
@@ -288,7 +286,7 @@ def _batch_outer_sum_kernel(
 
 def _common(dtype: torch.dtype):
     return dict(IN_DTYPE=_TL_DTYPE[dtype], DOT_DTYPE=_dot_dtype(dtype), IEEE=dtype == torch.float32,
-                FIX_BF16=_interpreting() and dtype == torch.bfloat16)
+                FIX_BF16=interpreting() and dtype == torch.bfloat16)
 
 
 def _pruned_vector(keep_mask: torch.Tensor) -> torch.Tensor:
@@ -305,8 +303,8 @@ def _shared_matmul(A: torch.Tensor, X: torch.Tensor, out_dtype: torch.dtype,
     out = torch.empty((B, P, C), device=X.device, dtype=out_dtype)
     if B == 0 or P == 0 or C == 0:
         return out
-    BLOCK_P = 16 if _interpreting() else min(64, _pow2(P))
-    BLOCK_Q = 16 if _interpreting() else 32
+    BLOCK_P = 16 if interpreting() else min(64, _pow2(P))
+    BLOCK_Q = 16 if interpreting() else 32
     BLOCK_C = min(64, _pow2(C))
     has_s = shortcut is not None
     s = shortcut if has_s else X          # dummy pointer when unused (never read)
@@ -330,12 +328,12 @@ def _batch_outer_sum(A: torch.Tensor, Bm: torch.Tensor, out_dtype: torch.dtype) 
     Q = Bm.shape[1]
     if NB == 0 or C == 0:
         return torch.zeros((P, Q), device=A.device, dtype=out_dtype)
-    BLOCK_P = 16 if _interpreting() else min(64, _pow2(P))
-    BLOCK_Q = 16 if _interpreting() else min(64, _pow2(Q))
-    BLOCK_C = 16 if _interpreting() else 64
+    BLOCK_P = 16 if interpreting() else min(64, _pow2(P))
+    BLOCK_Q = 16 if interpreting() else min(64, _pow2(Q))
+    BLOCK_C = 16 if interpreting() else 64
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     # Split the batch so that enough programs run; the fp32 partial sums are added by torch.
-    target = 2 if _interpreting() else 4 * _num_sms(A.device)
+    target = 2 if interpreting() else 4 * _num_sms(A.device)
     split = max(1, min(NB, triton.cdiv(target, tiles)))
     partial = torch.empty((split, P, Q), device=A.device, dtype=torch.float32)
     dt = A.dtype if A.dtype == Bm.dtype else torch.float32
@@ -366,7 +364,7 @@ def _num_sms(device: torch.device) -> int:
 def _fused_blocks(N: int, K: int, K2: int, C: int):
     """Block sizes of the fused kernels: the N × BLOCK_C tile is held whole, so BLOCK_C shrinks as N grows."""
     BLOCK_N = _pow2(N)
-    if _interpreting():
+    if interpreting():
         return BLOCK_N, 16, 16, 16
     BLOCK_C = max(16, min(64, _pow2(C), 16384 // BLOCK_N))
     BLOCK_K = 16 if BLOCK_N >= 512 else 32
