@@ -34,10 +34,11 @@ def _rate(name, low_open=True):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1)'}, got {value}")
-        return value
+        from ._checks import check_rate  # the library's own range rule, so the CLI cannot drift from it
+        try:
+            return check_rate(name, value, low_open=low_open)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return parse
 
 

@@ -5,7 +5,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .data import DIGITS, DataBundle, load_data, make_loader
+from .data import DIGITS, DataBundle, cycle_batches, load_data, make_loader
 from .io import PipelineError, load_scores, save_checkpoint, save_json, save_scores
 from .model import DIGITS_VIT, load_model
 
@@ -113,11 +113,6 @@ def cmd_finetune(args, device) -> None:
     _run_training(args, device, distill=True)
 
 
-def _cycle(loader, n):
-    from .demo import _cycle as cycle
-    return cycle(loader, n)
-
-
 def cmd_calibrate(args, device) -> None:
     from tqdm import tqdm
 
@@ -129,7 +124,7 @@ def cmd_calibrate(args, device) -> None:
     data = _data_for(args, model)
     model.to(device)
     loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
-    batches = tqdm(_cycle(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet, leave=False)
+    batches = tqdm(cycle_batches(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet, leave=False)
     t = time.perf_counter()
     try:
         scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))

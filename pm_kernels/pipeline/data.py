@@ -129,3 +129,14 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, drop_last=drop_last,
                       persistent_workers=workers > 0)
+
+
+def cycle_batches(loader, n: int):
+    """``n`` batches, cycling over the loader."""
+    done = 0
+    while done < n:
+        for batch in loader:
+            if done == n:
+                return
+            yield batch
+            done += 1

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .data import load_data, make_loader
+from .data import cycle_batches, load_data, make_loader
 from .evaluate import evaluate_models, format_table, plot_accuracy_vs_keep
 from .finetune import TrainConfig, train
 from .io import save_checkpoint, save_json, save_scores
@@ -62,17 +62,6 @@ class DemoConfig:
 QUICK = dict(dense_epochs=12.0, ft_epochs=2.0, calib_iters=8, keep_rates=(0.6,), speed_repeats=2)
 
 
-def _cycle(loader, n: int):
-    """``n`` batches, cycling over the loader."""
-    done = 0
-    while done < n:
-        for batch in loader:
-            if done == n:
-                return
-            yield batch
-            done += 1
-
-
 def run_demo(out: str, cfg: Optional[DemoConfig] = None, device=None, progress: bool = True,
              log=print) -> Dict[str, object]:
     from ..calibrate import calibrate
@@ -101,7 +90,7 @@ def run_demo(out: str, cfg: Optional[DemoConfig] = None, device=None, progress: 
 
     t = time.perf_counter()
     calib_loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed + 1)
-    scores = calibrate(dense, ((x.to(device), y.to(device)) for x, y in _cycle(calib_loader, cfg.calib_iters)))
+    scores = calibrate(dense, ((x.to(device), y.to(device)) for x, y in cycle_batches(calib_loader, cfg.calib_iters)))
     timings["calibrate_s"] = time.perf_counter() - t
     save_scores(scores, os.path.join(out, "scores.pt"), dict(meta, iters=cfg.calib_iters))
 
