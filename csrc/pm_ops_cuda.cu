@@ -7,7 +7,7 @@
 //  - reconstruct_merge_kernel: the fused block boundary. One block per (channel tile, batch): it builds
 //    the N × CT tile of x' = R z + (1 − m) ⊙ x in shared memory (and writes x' once), then computes the
 //    K' × CT tile of z' = M' x' from shared memory, so x' is never re-read from global memory.
-//  - matrix_grad_kernel: one block per entry of dW = Σ_b g_b y_bᵀ, block-wide reduction over (b, c).
+// The weight gradient matrix_grad (dM, dR) is one cuBLAS GEMM, registered for all devices in pm_ops.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -99,32 +99,6 @@ __global__ void reconstruct_merge_kernel(const scalar_t* __restrict__ z, const a
   }
 }
 
-// out[i, j] = Σ_b Σ_c g[b, i, c] · y[b, j, c]; one block per (i, j) (grid-stride over them).
-template <typename scalar_t, typename acc_t>
-__global__ void matrix_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y, int64_t B,
-                                   int64_t I, int64_t J, int64_t C, acc_t* __restrict__ out) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  const int64_t BC = B * C;
-  for (int64_t r = blockIdx.x; r < I * J; r += gridDim.x) {
-    const int64_t i = r / J, j = r % J;
-    acc_t acc = 0;
-    for (int64_t e = threadIdx.x; e < BC; e += blockDim.x) {
-      const int64_t b = e / C, c = e % C;
-      acc += static_cast<acc_t>(g[(b * I + i) * C + c]) * static_cast<acc_t>(y[(b * J + j) * C + c]);
-    }
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) warp_sums[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-      acc = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : acc_t(0);
-      for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-      if (lane == 0) out[r] = acc;
-    }
-    __syncthreads();  // warp_sums is reused for the next entry
-  }
-}
-
 // ---- launchers ----------------------------------------------------------------------------------
 
 // out = W y (+ add on pruned rows), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
@@ -209,23 +183,6 @@ at::Tensor transposed_apply_cuda(const at::Tensor& W, const at::Tensor& g, const
   return apply_dispatch_cuda(W, true, g, has_add ? &*addend : nullptr, nullptr);
 }
 
-at::Tensor matrix_grad_cuda(const at::Tensor& g_in, const at::Tensor& y_in, at::ScalarType dtype) {
-  check_matrix_grad(g_in, y_in, dtype);
-  const c10::cuda::CUDAGuard guard(g_in.device());
-  const at::Tensor g = g_in.contiguous(), y = y_in.contiguous();
-  const int64_t B = g.size(0), I = g.size(1), J = y.size(1), C = g.size(2);
-  at::Tensor out = at::zeros({I, J}, g.options().dtype(acc_dtype(g.scalar_type())));
-  if (out.numel() == 0 || B * C == 0) return out.to(dtype);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pm_kernels_matrix_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    matrix_grad_kernel<scalar_t, acc_t><<<grid_for(I * J, 1), kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, I, J, C, out.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out.to(dtype);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pm_kernels, CUDA, m) {
@@ -233,7 +190,6 @@ TORCH_LIBRARY_IMPL(pm_kernels, CUDA, m) {
   m.impl("reconstruct_fwd", &reconstruct_fwd_cuda);
   m.impl("reconstruct_merge_fwd", &reconstruct_merge_fwd_cuda);
   m.impl("transposed_apply", &transposed_apply_cuda);
-  m.impl("matrix_grad", &matrix_grad_cuda);
 }
 
 }  // namespace pm_kernels

@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -55,3 +56,28 @@ def test_interleaved_speed_shape():
     vit = pdg.plain_vit(build_model(DIGITS_VIT).eval(), DIGITS_VIT_KWARGS)
     runs = pdg.interleaved_speed([vit, vit], batch=4, rounds=2, min_time=0.01)
     assert len(runs) == 2 and all(len(r) == 2 and min(r) > 0 for r in runs)
+
+
+def _seed_result(seed, top1):
+    rows = [{"method": "dense", "keep_rate": None, "top1": top1["dense"]}]
+    rows += [{"method": m, "keep_rate": 0.6, "top1": top1[m]} for m in ("PM", "ToMe", "EViT")]
+    best = max(top1["ToMe"], top1["EViT"])
+    return {"config": {"seed": seed}, "n_test": 450, "rows": rows, "date": "d", "env": {"versions": {}},
+            "target_PM_at_least_as_accurate": {"keep 0.6": {"PM_minus_best_peer_images":
+                                                            round((top1["PM"] - best) * 4.5)}}}
+
+
+def test_seed_summary_statistics():
+    from bench.peers_digits_summary import summarize
+    a = _seed_result(0, {"dense": 98.0, "PM": 96.0, "ToMe": 97.0, "EViT": 95.0})
+    b = _seed_result(1, {"dense": 96.0, "PM": 98.0, "ToMe": 97.0, "EViT": 98.0})
+    s = summarize([a, b])
+    assert s["top1"]["PM keep 0.6"]["mean"] == pytest.approx(97.0)
+    assert s["top1"]["PM keep 0.6"]["std"] == pytest.approx(2 ** 0.5)
+    assert s["top1"]["ToMe keep 0.6"]["std"] == 0.0
+    assert s["top1"]["dense"]["top1_per_seed"] == [98.0, 96.0]
+    gap = s["PM_vs_best_peer"]["keep 0.6"]
+    assert gap["PM_minus_best_peer_images_per_seed"] == [-4, 0]
+    assert gap["seeds_where_PM_at_least_as_accurate"] == 1
+    with pytest.raises(ValueError, match="each seed once"):
+        summarize([a, a])

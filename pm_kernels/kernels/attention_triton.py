@@ -290,6 +290,11 @@ def _configs(pairs, warps=(4, 8), stages=(2, 3, 4)):
             for bm, bn in pairs for w in warps for s in stages]
 
 
+# Autotune spaces (also compiled ahead of time for sm_90 by tests/test_triton_compile.py).
+FWD_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)])
+DKDV_CONFIGS = _configs([(32, 64), (64, 64), (32, 128), (64, 128)], stages=(2, 3))
+DQ_CONFIGS = _configs([(64, 32), (64, 64), (128, 32), (128, 64)], stages=(2, 3))
+
 if _INTERPRET:
     _fwd_launch = _attn_fwd_kernel
     _dkdv_launch = _attn_bwd_dkdv_kernel
@@ -298,15 +303,9 @@ if _INTERPRET:
 else:
     # Tuned per (sequence length, head dim); the autotuner adds the tensors' dtypes to the key. Every
     # kernel only stores (never accumulates into) its outputs, so the autotuner's repeated runs are harmless.
-    _fwd_launch = triton.autotune(
-        configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)]), key=["N", "HEAD_DIM"],
-    )(_attn_fwd_kernel)
-    _dkdv_launch = triton.autotune(
-        configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)], stages=(2, 3)), key=["N", "HEAD_DIM"],
-    )(_attn_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(
-        configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)], stages=(2, 3)), key=["N", "HEAD_DIM"],
-    )(_attn_bwd_dq_kernel)
+    _fwd_launch = triton.autotune(configs=FWD_CONFIGS, key=["N", "HEAD_DIM"])(_attn_fwd_kernel)
+    _dkdv_launch = triton.autotune(configs=DKDV_CONFIGS, key=["N", "HEAD_DIM"])(_attn_bwd_dkdv_kernel)
+    _dq_launch = triton.autotune(configs=DQ_CONFIGS, key=["N", "HEAD_DIM"])(_attn_bwd_dq_kernel)
     _BLOCK_KW = {}
 
 _PRE_BLOCK = 64
