@@ -42,6 +42,14 @@ def summarize(results: List[dict]) -> dict:
         gap[f"keep {keep:g}"] = {"PM_minus_best_peer_images_per_seed": per_seed,
                                  "seeds_where_PM_at_least_as_accurate": sum(g >= 0 for g in per_seed),
                                  "mean_images": statistics.mean(per_seed)}
+        # Paired by seed (same split, dense teacher and recipe), so the seed-to-seed spread of the dense
+        # model's own accuracy cancels out.
+        pm = table[f"PM keep {keep:g}"]["top1_per_seed"]
+        for peer in ("ToMe", "EViT"):
+            diff = [a - b for a, b in zip(pm, table[f"{peer} keep {keep:g}"]["top1_per_seed"])]
+            gap[f"keep {keep:g}"][f"PM_minus_{peer}_points"] = {
+                "per_seed": diff, "mean": statistics.mean(diff),
+                "std": statistics.stdev(diff) if len(diff) > 1 else 0.0}
     return {"seeds": seeds, "n_test": results[0]["n_test"], "top1": table, "PM_vs_best_peer": gap,
             "dates": [r["date"] for r in results], "commits": sorted({r["env"]["versions"].get("git_commit", "?")
                                                                       for r in results})}
@@ -55,6 +63,9 @@ def format_summary(s: dict) -> str:
     for keep, g in s["PM_vs_best_peer"].items():
         lines.append(f"PM - best of ToMe/EViT at {keep}: {g['PM_minus_best_peer_images_per_seed']} images "
                      f"(PM at least as accurate on {g['seeds_where_PM_at_least_as_accurate']} of {len(s['seeds'])} seeds)")
+        for peer in ("ToMe", "EViT"):
+            d = g[f"PM_minus_{peer}_points"]
+            lines.append(f"  PM - {peer} at {keep}, paired by seed: mean {d['mean']:+.2f} points (std {d['std']:.2f})")
     return "\n".join(lines)
 
 

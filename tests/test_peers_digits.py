@@ -79,5 +79,7 @@ def test_seed_summary_statistics():
     gap = s["PM_vs_best_peer"]["keep 0.6"]
     assert gap["PM_minus_best_peer_images_per_seed"] == [-4, 0]
     assert gap["seeds_where_PM_at_least_as_accurate"] == 1
+    assert gap["PM_minus_ToMe_points"]["per_seed"] == [-1.0, 1.0]
+    assert gap["PM_minus_EViT_points"]["mean"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="each seed once"):
         summarize([a, a])

@@ -172,17 +172,21 @@ def compile_sm90(launch: Launch) -> Dict[str, int]:
 
 def deit_launches() -> List[Launch]:
     """DeiT shapes: attention N = 197 at head dim 64 (DeiT-T/S/B) in fp32, fp16 and bf16, and at head dims 32
-    and 128 in bf16; the token ops at DeiT-S (C = 384) with a keep-0.6-like boundary (K = 118, K' = 100)."""
+    and 128 in bf16; the token ops at DeiT-S (C = 384) with a keep-0.6-like boundary (K = 118, K' = 100), and in
+    bf16 at N = 577 and 785 (384 px inputs), where the fused boundary's N-token tile is largest."""
     launches = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for D in ((32, 64, 128) if dtype == torch.bfloat16 else (64,)):
             launches += attention_launches(2, 2, 197, D, dtype)
         launches += token_op_launches(4, 197, 118, 100, 384, dtype)
+    launches += token_op_launches(2, 577, 346, 300, 384, torch.bfloat16)
+    launches += token_op_launches(2, 785, 471, 400, 768, torch.bfloat16)
     return launches
 
 
 def quick_launches() -> List[Launch]:
-    """The CI subset: DeiT-S shapes in bf16 and fp32, the first config of each autotuned kernel."""
+    """The CI subset: DeiT-S shapes in bf16 and fp32, the first config of each autotuned kernel, and the fused
+    boundary at N = 785."""
     launches, firsts = [], set()
     for dtype in (torch.float32, torch.bfloat16):
         for launch in attention_launches(2, 2, 197, 64, dtype) + token_op_launches(4, 197, 118, 100, 384, dtype):
@@ -191,12 +195,15 @@ def quick_launches() -> List[Launch]:
                 continue
             firsts.add(key)
             launches.append(launch)
+    # The fused boundary holds the whole N-token tile: its largest shared-memory case (DeiT-B at 384 px).
+    launches += [launch for launch in token_op_launches(2, 785, 471, 400, 768, torch.bfloat16)
+                 if launch.name.startswith("_reconstruct_merge")]
     return launches
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="", help="keep the launches whose label contains this")
+    p.add_argument("--only", default="", help="keep the launches whose label matches this regex")
     p.add_argument("--quick", action="store_true", help="the CI subset (quick_launches)")
     p.add_argument("--json", action="store_true", help="one JSON object per launch instead of the table")
     args = p.parse_args(argv)
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
     for launch in quick_launches() if args.quick else deit_launches():
         label = launch.label()
         key = (label, tuple(sorted(launch.signature.items())))
-        if args.only not in label or key in seen:
+        if not re.search(args.only, label) or key in seen:
             continue
         seen.add(key)
         row = {"label": label, "kernel": launch.name, "tuned": launch.tuned}
