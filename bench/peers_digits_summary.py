@@ -6,8 +6,10 @@ split, the initialisation and the fine-tuning order together) and reports, per m
 and standard deviation of top-1, and per seed how many test images PM is ahead of (+) or behind (−) the better
 of ToMe and EViT.
 
-    for s in 0 1 2 3 4; do python bench/peers_digits.py --seed $s --out bench/results/digits_seeds/seed$s.json; done
-    python bench/peers_digits_summary.py bench/results/digits_seeds/seed*.json --out bench/results/peers_digits_seeds_CPU.json
+    python bench/peers_digits.py                 # seed 0 -> bench/results/peers_digits_CPU.json
+    for s in 1 2 3 4 5 6 7 8 9; do python bench/peers_digits.py --seed $s --out bench/results/digits_seeds/seed$s.json; done
+    python bench/peers_digits_summary.py bench/results/peers_digits_CPU.json bench/results/digits_seeds/seed*.json \
+        --out bench/results/peers_digits_seeds_CPU.json
 """
 import argparse
 import json
