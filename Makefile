@@ -9,7 +9,7 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: setup test demo quickstart bench clean
+.PHONY: setup test test-triton-compat demo quickstart bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,27 @@ $(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*)
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# The GPU machines run an older triton (3.6) than .venv (3.8). A second venv sees .venv's packages (through a
+# .pth file) but imports its own triton, plus numpy < 2.3 (triton 3.6's interpreter converts 1-element arrays to
+# int, which newer numpy refuses), and runs the Triton tests: interpreter and sm_90 compilation.
+COMPAT_TRITON ?= 3.6.0
+COMPAT_VENV   := .venv-triton-compat
+COMPAT_STAMP  := $(COMPAT_VENV)/.installed
+TRITON_TESTS  := tests/test_attention.py tests/test_token_ops.py tests/test_backends.py tests/test_triton_compile.py
+PURELIB       := import sysconfig; print(sysconfig.get_paths()["purelib"])
+
+$(COMPAT_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps triton==$(COMPAT_TRITON) "numpy<2.3"
+	$(PY) -c '$(PURELIB)' > "$$($(COMPAT_VENV)/bin/python -c '$(PURELIB)')/zz_main_venv.pth"
+	touch $@
+
+test-triton-compat: $(COMPAT_STAMP)
+	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -c \
+	    "import triton, pm_kernels; assert triton.__version__ == '$(COMPAT_TRITON)', triton.__version__; print('triton', triton.__version__)"
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest $(TRITON_TESTS) -q -p no:cacheprovider \
+	    -W "ignore:Conversion of an array with ndim:DeprecationWarning"
+
 demo: $(STAMP)
 	$(VENV)/bin/pm-kernels demo
 
@@ -34,4 +55,4 @@ bench: $(STAMP)
 	$(PY) -m pytest bench -q --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info pm_kernels/_C*.so
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info pm_kernels/_C*.so
