@@ -1,5 +1,5 @@
-// pm_kernels native ops: schemas, CPU kernels, Meta (shape-only) kernels and the Python module.
-// The CUDA kernels live in pm_ops_cuda.cu and register themselves under DispatchKey::CUDA.
+// pm_kernels native ops: schemas, CPU kernels, Meta (shape-only) kernels, the device-agnostic weight gradient
+// (matrix_grad, one ATen GEMM) and the Python module. The CUDA kernels live in pm_ops_cuda.cu (DispatchKey::CUDA).
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
