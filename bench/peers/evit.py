@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._common import check_plain_vit_blocks
+
 __all__ = ["patch_evit", "default_locations", "EViTBlock", "EViTAttention"]
 
 
@@ -133,15 +135,9 @@ def patch_evit(model: nn.Module, keep_rate: Union[float, Sequence[float]] = 0.7,
     locations: 0-based block indices (default ``default_locations(depth)``: 3, 6, 9 for depth 12).
     After a forward, ``model._evit_info["tokens"]`` holds the token count after each block's reduction.
     """
-    from timm.models.vision_transformer import Attention, Block
     locations = default_locations(len(model.blocks)) if locations is None else list(locations)
     if getattr(model, "_evit_info", None) is None:
-        for i, blk in enumerate(model.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"patch_evit: block {i} is {type(blk).__name__} with "
-                                f"{type(blk.attn).__name__}; expected timm Block with Attention")
-            if getattr(blk.attn, "gate", None) is not None:
-                raise TypeError("patch_evit: gated attention is not supported")
+        check_plain_vit_blocks(model, "patch_evit")
         info = {"tokens": [], "num_prefix": getattr(model, "num_prefix_tokens", 1)}
         model.__class__ = _make_evit_vit_class(model.__class__)
         model._evit_info = info

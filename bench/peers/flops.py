@@ -24,6 +24,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from ._common import per_block_r
+
 __all__ = [
     "VitDims", "dims_from_model", "dims_from_config", "vit_flops", "dense_flops", "tome_token_counts",
     "tome_flops", "evit_token_counts", "evit_flops", "pm_token_counts", "pm_flops", "pm_flops_from_counts",
@@ -130,14 +132,6 @@ def dense_flops(model_or_dims, mac_factor: int = 1) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- ToMe
-def _r_list(r, depth: int) -> List[int]:
-    if isinstance(r, int):
-        return [r] * depth
-    r = [int(x) for x in r]
-    if len(r) != depth:
-        raise ValueError(f"r: expected an int or {depth} per-layer values, got {len(r)}")
-    return r
-
 
 def tome_token_counts(num_tokens: int, depth: int, r, num_protected: int = 1) -> List[Tuple[int, int]]:
     """Per block ``(n_attn, n_mlp)`` under ToMe merging ``r`` (int or per-layer list) tokens per block.
@@ -146,7 +140,7 @@ def tome_token_counts(num_tokens: int, depth: int, r, num_protected: int = 1) ->
     ``bench.peers.tome`` does at run time.
     """
     out, n = [], num_tokens
-    for rl in _r_list(r, depth):
+    for rl in per_block_r(r, depth):
         rl = max(0, min(rl, (n - num_protected) // 2))
         out.append((n, n - rl))
         n -= rl

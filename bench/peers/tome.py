@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._common import check_plain_vit_blocks, per_block_r
+
 __all__ = ["patch_tome", "bipartite_soft_matching", "merge_wavg", "tome_schedule", "ToMeBlock",
            "ToMeAttention"]
 
@@ -125,7 +127,7 @@ def _make_tome_vit_class(base):
 
         @r.setter
         def r(self, value):
-            self._tome_info["r"] = _normalise_r(value, len(self.blocks))
+            self._tome_info["r"] = per_block_r(value, len(self.blocks))
 
         def forward_features(self, x, attn_mask=None, is_causal: bool = False):
             if attn_mask is not None or is_causal:
@@ -149,32 +151,17 @@ def _make_tome_vit_class(base):
     return ToMeVisionTransformer
 
 
-def _normalise_r(r: Union[int, Sequence[int]], depth: int) -> List[int]:
-    if isinstance(r, int):
-        return [r] * depth
-    r = [int(x) for x in r]
-    if len(r) != depth:
-        raise ValueError(f"r: expected an int or {depth} per-block values, got {len(r)}")
-    return r
-
-
 def patch_tome(model: nn.Module, r: Union[int, Sequence[int]] = 0) -> nn.Module:
     """Turn a timm ``VisionTransformer`` into a ToMe model, in place; returns it.
 
     r: tokens merged per block (int) or a per-block list. After a forward, ``model._tome_info["tokens"]``
     holds the token count after each block's merge.
     """
-    from timm.models.vision_transformer import Attention, Block
     if getattr(model, "_tome_info", None) is not None:
         model.r = r
         return model
-    for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise TypeError(f"patch_tome: block {i} is {type(blk).__name__} with "
-                            f"{type(blk.attn).__name__}; expected timm Block with Attention")
-        if getattr(blk.attn, "gate", None) is not None:
-            raise TypeError("patch_tome: gated attention is not supported")
-    info = {"r": _normalise_r(r, len(model.blocks)), "size": None, "tokens": [],
+    check_plain_vit_blocks(model, "patch_tome")
+    info = {"r": per_block_r(r, len(model.blocks)), "size": None, "tokens": [],
             "num_prefix": getattr(model, "num_prefix_tokens", 1)}
     model.__class__ = _make_tome_vit_class(model.__class__)
     model._tome_info = info
