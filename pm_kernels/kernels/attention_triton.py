@@ -58,6 +58,26 @@ def _rne_bf16(x):
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
 
+
+@triton.jit
+def _load_rows(ptr, rows, mask, stride_n, stride_d, offs_d, UPCAST: tl.constexpr):
+    """The [rows, HEAD_DIM] tile of one (b, h) slice, 0 where ``mask`` is off; fp32 when UPCAST."""
+    t = tl.load(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask[:, None], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _store_rows(ptr, rows, mask, stride_n, stride_d, offs_d, acc, UPCAST: tl.constexpr):
+    """Store an fp32 [rows, HEAD_DIM] accumulator in the output's dtype (rounded to nearest, as on the GPU)."""
+    if UPCAST:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            acc = _rne_bf16(acc)
+    tl.store(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d, acc.to(ptr.dtype.element_ty),
+             mask=mask[:, None])
+
+
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
@@ -84,9 +104,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < N
 
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(Q, offs_m, mask_m, stride_qn, stride_qd, offs_d, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -94,11 +112,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(K, cols, mask_n, stride_kn, stride_kd, offs_d, UPCAST)
+        v = _load_rows(V, cols, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
         # Logits in log2 units; out-of-range keys get -inf. Every key block holds at least one valid key,
         # so m_new is finite and no exp2(-inf - -inf) = NaN can appear.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
@@ -112,11 +127,7 @@ def _attn_fwd_kernel(
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural-log LSE of the scaled logits
-    if UPCAST:
-        if O.dtype.element_ty == tl.bfloat16:
-            acc = _rne_bf16(acc)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    _store_rows(O, offs_m, mask_m, stride_on, stride_od, offs_d, acc, UPCAST)
     tl.store(LSE + offs_m, lse, mask=mask_m)
 
 
@@ -138,9 +149,9 @@ def _attn_bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < N
-    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = _load_rows(O, offs_m, mask_m, stride_on, stride_od, offs_d, True)
+    do = _load_rows(DO, offs_m, mask_m, stride_don, stride_dod, offs_d, True)
+    delta = tl.sum(o * do, 1)
     tl.store(Delta + offs_m, delta, mask=mask_m)
 
 
@@ -175,11 +186,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = offs_n < N
 
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K, offs_n, mask_n, stride_kn, stride_kd, offs_d, UPCAST)
+    v = _load_rows(V, offs_n, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -187,12 +195,8 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m0
         mask_m = rows < N
-        q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None],
-                     other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(Q, rows, mask_m, stride_qn, stride_qd, offs_d, UPCAST)
+        do = _load_rows(DO, rows, mask_m, stride_don, stride_dod, offs_d, UPCAST)
         lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
 
@@ -207,17 +211,8 @@ def _attn_bwd_dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])                                  # dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)
 
-    dk = dk * sm_scale
-    if UPCAST:
-        if DK.dtype.element_ty == tl.bfloat16:
-            dk = _rne_bf16(dk)
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
-    if UPCAST:
-        if DV.dtype.element_ty == tl.bfloat16:
-            dv = _rne_bf16(dv)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+    _store_rows(DK, offs_n, mask_n, stride_dkn, stride_dkd, offs_d, dk * sm_scale, UPCAST)
+    _store_rows(DV, offs_n, mask_n, stride_dvn, stride_dvd, offs_d, dv, UPCAST)
     if HAS_SCORE:
         tl.store(SP + pid_bh.to(tl.int64) * N + offs_n, sc, mask=mask_n)
 
@@ -251,11 +246,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < N
 
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_m[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q, offs_m, mask_m, stride_qn, stride_qd, offs_d, UPCAST)
+    do = _load_rows(DO, offs_m, mask_m, stride_don, stride_dod, offs_d, UPCAST)
     lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
 
@@ -263,11 +255,8 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n0
         mask_n = cols < N
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_n[:, None], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(K, cols, mask_n, stride_kn, stride_kd, offs_d, UPCAST)
+        v = _load_rows(V, cols, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -275,12 +264,7 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    dq = dq * sm_scale
-    if UPCAST:
-        if DQ.dtype.element_ty == tl.bfloat16:
-            dq = _rne_bf16(dq)
-    tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+    _store_rows(DQ, offs_m, mask_m, stride_dqn, stride_dqd, offs_d, dq * sm_scale, UPCAST)
 
 
 # ------------------------------------------------------------------------------------------- autotune

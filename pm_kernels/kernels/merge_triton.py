@@ -19,6 +19,8 @@ keep_mask; in the fused backward a (B, N, C) scratch holding dx'_total = dx' + M
 and the fp32 (SPLIT, P, Q) partial sums of the dM / dR reductions, summed over SPLIT by torch.
 
 Kernels (all tile one batch element × one channel block, accumulate in fp32):
+- ``_matrix_times_tile`` / ``_matrix_times_registers``: the two product loops every kernel is made of (W from
+  memory times an activation tile from memory, or times a tile held in registers).
 - ``_shared_matmul_kernel``: out[b] = A · X[b] (+ (1 − m) ⊙ S[b]); A any (P, Q) strided view, so
   Mᵀ / Rᵀ are free. Runs merge forward (A = M), reconstruct forward (A = R, shortcut x), merge backward
   dx (A = Mᵀ), reconstruct backward dz (A = Rᵀ).
@@ -87,6 +89,42 @@ def _round(v, DT: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, rows, s_r, cols, s_c):
+    """Addresses of the [rows, cols] tile of a strided 2-D view."""
+    return ptr + rows[:, None] * s_r + cols[None, :] * s_c
+
+
+@triton.jit
+def _matrix_times_tile(acc, w_ptr, s_wi, s_wj, offs_i, mask_i, J, y_ptr, s_yj, s_yc, offs_c, mask_c,
+                       BLOCK_J: tl.constexpr, IN_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       IEEE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """acc[i, c] += Σ_j W[i, j] · Y[j, c] over j < J, in BLOCK_J steps. W is rounded to x's dtype (as autocast
+    would) and read through its strides, so Wᵀ is free; padding rows / columns load 0."""
+    for j0 in range(0, J, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < J
+        w = tl.load(_tile(w_ptr, offs_i, s_wi, offs_j, s_wj), mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        y = tl.load(_tile(y_ptr, offs_j, s_yj, offs_c, s_yc), mask=mask_j[:, None] & mask_c[None, :], other=0.0)
+        acc = _dot(_round(w, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), y.to(DOT_DTYPE), acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _matrix_times_registers(w_ptr, s_wi, s_wj, I, offs_j, mask_j, tile, out_ptr, s_oi, s_oc, offs_c, mask_c,
+                            BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, IN_DTYPE: tl.constexpr,
+                            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """out[i, c] = Σ_j W[i, j] · tile[j, c] for every i < I, in BLOCK_I output blocks, where ``tile`` (already
+    in DOT_DTYPE, padding rows 0) holds every j in registers: the fused kernels' second product."""
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < I
+        w = tl.load(_tile(w_ptr, offs_i, s_wi, offs_j, s_wj), mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+        acc = _dot(_round(w, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), tile, tl.zeros((BLOCK_I, BLOCK_C), tl.float32), IEEE)
+        tl.store(_tile(out_ptr, offs_i, s_oi, offs_c, s_oc), _round(acc, IN_DTYPE, FIX_BF16),
+                 mask=mask_i[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _shared_matmul_kernel(
     a_ptr, x_ptr, s_ptr, pruned_ptr, out_ptr,
     P, Q, C,
@@ -107,25 +145,15 @@ def _shared_matmul_kernel(
     mask_p = offs_p < P
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        mask_q = offs_q < Q
-        # A tile (BLOCK_P, BLOCK_Q), rounded to x's dtype like autocast; padding rows/cols load 0.
-        a = tl.load(a_ptr + offs_p[:, None] * s_ap + offs_q[None, :] * s_aq,
-                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)
-        a = _round(a, IN_DTYPE, FIX_BF16).to(DOT_DTYPE)
-        xt = tl.load(x_ptr + b * s_xb + offs_q[:, None] * s_xq + offs_c[None, :] * s_xc,
-                     mask=mask_q[:, None] & mask_c[None, :], other=0.0)
-        acc = _dot(a, xt.to(DOT_DTYPE), acc, IEEE)
+    acc = _matrix_times_tile(acc, a_ptr, s_ap, s_aq, offs_p, mask_p, Q, x_ptr + b * s_xb, s_xq, s_xc, offs_c,
+                             mask_c, BLOCK_Q, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
     mask_pc = mask_p[:, None] & mask_c[None, :]
     if HAS_SHORTCUT:
         # (1 − m) ⊙ S: pruned tokens pass through unchanged; kept tokens get 0 from the shortcut.
         pruned = tl.load(pruned_ptr + offs_p, mask=mask_p, other=0.0)
-        s = tl.load(s_ptr + b * s_sb + offs_p[:, None] * s_sp + offs_c[None, :] * s_sc,
-                    mask=mask_pc, other=0.0)
+        s = tl.load(_tile(s_ptr + b * s_sb, offs_p, s_sp, offs_c, s_sc), mask=mask_pc, other=0.0)
         acc += pruned[:, None] * s.to(tl.float32)
-    tl.store(out_ptr + b * s_ob + offs_p[:, None] * s_op + offs_c[None, :] * s_oc,
-             _round(acc, IN_DTYPE, FIX_BF16), mask=mask_pc)
+    tl.store(_tile(out_ptr + b * s_ob, offs_p, s_op, offs_c, s_oc), _round(acc, IN_DTYPE, FIX_BF16), mask=mask_pc)
 
 
 @triton.jit
@@ -152,32 +180,19 @@ def _reconstruct_merge_fwd_kernel(
 
     # (1) x'[n, c] = Σ_k R[n, k] · z[b, k, c] + (1 − m[n]) · x[b, n, c], the whole N × BLOCK_C tile.
     xn = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        r = tl.load(r_ptr + offs_n[:, None] * s_rn + offs_k[None, :] * s_rk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        zt = tl.load(z_ptr + b * s_zb + offs_k[:, None] * s_zk + offs_c[None, :] * s_zc,
-                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-        xn = _dot(_round(r, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), zt.to(DOT_DTYPE), xn, IEEE)
+    xn = _matrix_times_tile(xn, r_ptr, s_rn, s_rk, offs_n, mask_n, K, z_ptr + b * s_zb, s_zk, s_zc, offs_c, mask_c,
+                            BLOCK_K, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
     pruned = tl.load(pruned_ptr + offs_n, mask=mask_n, other=0.0)
-    xt = tl.load(x_ptr + b * s_xb + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc, mask=mask_nc, other=0.0)
+    xt = tl.load(_tile(x_ptr + b * s_xb, offs_n, s_xn, offs_c, s_xc), mask=mask_nc, other=0.0)
     xn += pruned[:, None] * xt.to(tl.float32)
     # x' is an output in x's dtype; z' is computed from that same rounded x' (as the unfused ops would).
     xn_io = _round(xn, IN_DTYPE, FIX_BF16)
-    tl.store(xo_ptr + b * s_yb + offs_n[:, None] * s_yn + offs_c[None, :] * s_yc, xn_io, mask=mask_nc)
+    tl.store(_tile(xo_ptr + b * s_yb, offs_n, s_yn, offs_c, s_yc), xn_io, mask=mask_nc)
 
-    # (2) z'[j, c] = Σ_n M_next[j, n] · x'[n, c], from the tile still in registers (x' is not re-read).
-    xn_dot = xn_io.to(DOT_DTYPE)   # padding rows n ≥ N are 0 (masked loads above)
-    for j0 in range(0, K2, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < K2
-        mt = tl.load(m_ptr + offs_j[:, None] * s_mj + offs_n[None, :] * s_mn,
-                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-        zo = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
-        zo = _dot(_round(mt, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), xn_dot, zo, IEEE)
-        tl.store(zo_ptr + b * s_ob + offs_j[:, None] * s_oj + offs_c[None, :] * s_oc,
-                 _round(zo, IN_DTYPE, FIX_BF16), mask=mask_j[:, None] & mask_c[None, :])
+    # (2) z'[j, c] = Σ_n M_next[j, n] · x'[n, c], from the tile still in registers (x' is not re-read);
+    # its padding rows n ≥ N are 0 (masked loads above).
+    _matrix_times_registers(m_ptr, s_mj, s_mn, K2, offs_n, mask_n, xn_io.to(DOT_DTYPE), zo_ptr + b * s_ob, s_oj,
+                            s_oc, offs_c, mask_c, BLOCK_J, BLOCK_C, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
 
 
 @triton.jit
@@ -205,42 +220,26 @@ def _reconstruct_merge_bwd_kernel(
 
     # (1) dx'_total[n, c] = dx'[b, n, c] + Σ_j M_next[j, n] · dz'[b, j, c]   (M_nextᵀ dz', via strides)
     dxt = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for j0 in range(0, K2, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < K2
-        mt_t = tl.load(m_ptr + offs_n[:, None] * s_mn + offs_j[None, :] * s_mj,      # M_nextᵀ tile (N, J)
-                       mask=mask_n[:, None] & mask_j[None, :], other=0.0)
-        gz = tl.load(gz_ptr + b * s_hb + offs_j[:, None] * s_hj + offs_c[None, :] * s_hc,
-                     mask=mask_j[:, None] & mask_c[None, :], other=0.0)
-        dxt = _dot(_round(mt_t, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), gz.to(DOT_DTYPE), dxt, IEEE)
+    dxt = _matrix_times_tile(dxt, m_ptr, s_mn, s_mj, offs_n, mask_n, K2, gz_ptr + b * s_hb, s_hj, s_hc, offs_c,
+                             mask_c, BLOCK_J, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
     if HAS_GX:
-        gx = tl.load(gx_ptr + b * s_gb + offs_n[:, None] * s_gn + offs_c[None, :] * s_gc,
-                     mask=mask_nc, other=0.0)
+        gx = tl.load(_tile(gx_ptr + b * s_gb, offs_n, s_gn, offs_c, s_gc), mask=mask_nc, other=0.0)
         dxt += gx.to(tl.float32)
     # Rounded to x's dtype: it is the gradient of the x'-dtype tensor x' (what unfused autograd would see).
     dxt_io = _round(dxt, IN_DTYPE, FIX_BF16)
     if WRITE_DXT:
-        tl.store(dxt_ptr + b * s_tb + offs_n[:, None] * s_tn + offs_c[None, :] * s_tc, dxt_io, mask=mask_nc)
+        tl.store(_tile(dxt_ptr + b * s_tb, offs_n, s_tn, offs_c, s_tc), dxt_io, mask=mask_nc)
 
     # (2) dx = (1 − m) ⊙ dx'_total: only pruned tokens reach x (through the shortcut).
     if WRITE_DX:
         pruned = tl.load(pruned_ptr + offs_n, mask=mask_n, other=0.0)
         dx = pruned[:, None] * dxt_io.to(tl.float32)
-        tl.store(dx_ptr + b * s_xb + offs_n[:, None] * s_xn + offs_c[None, :] * s_xc,
-                 _round(dx, IN_DTYPE, FIX_BF16), mask=mask_nc)
+        tl.store(_tile(dx_ptr + b * s_xb, offs_n, s_xn, offs_c, s_xc), _round(dx, IN_DTYPE, FIX_BF16), mask=mask_nc)
 
     # (3) dz[k, c] = Σ_n R[n, k] · dx'_total[n, c]   (Rᵀ dx'_total, from the tile in registers)
     if WRITE_DZ:
-        dxt_dot = dxt_io.to(DOT_DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            rt = tl.load(r_ptr + offs_k[:, None] * s_rk + offs_n[None, :] * s_rn,      # Rᵀ tile (K, N)
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            dz = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-            dz = _dot(_round(rt, IN_DTYPE, FIX_BF16).to(DOT_DTYPE), dxt_dot, dz, IEEE)
-            tl.store(dz_ptr + b * s_zb + offs_k[:, None] * s_zk + offs_c[None, :] * s_zc,
-                     _round(dz, IN_DTYPE, FIX_BF16), mask=mask_k[:, None] & mask_c[None, :])
+        _matrix_times_registers(r_ptr, s_rk, s_rn, K, offs_n, mask_n, dxt_io.to(DOT_DTYPE), dz_ptr + b * s_zb, s_zk,
+                                s_zc, offs_c, mask_c, BLOCK_K, BLOCK_C, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
 
 
 @triton.jit
@@ -270,13 +269,12 @@ def _batch_outer_sum_kernel(
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = (offs_c < C) & in_batch
-            a = tl.load(a_ptr + bi * s_ab + offs_p[:, None] * s_ap + offs_c[None, :] * s_ac,
+            a = tl.load(_tile(a_ptr + bi * s_ab, offs_p, s_ap, offs_c, s_ac),
                         mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-            bt = tl.load(b_ptr + bi * s_bb + offs_c[:, None] * s_bc + offs_q[None, :] * s_bq,  # Bᵀ tile (C, Q)
+            bt = tl.load(_tile(b_ptr + bi * s_bb, offs_c, s_bc, offs_q, s_bq),  # Bᵀ tile (C, Q)
                          mask=mask_c[:, None] & mask_q[None, :], other=0.0)
             acc = _dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, IEEE)
-    tl.store(out_ptr + pid_s * s_os + offs_p[:, None] * s_op + offs_q[None, :] * s_oq,
-             acc, mask=mask_p[:, None] & mask_q[None, :])
+    tl.store(_tile(out_ptr + pid_s * s_os, offs_p, s_op, offs_q, s_oq), acc, mask=mask_p[:, None] & mask_q[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
