@@ -20,9 +20,8 @@ def _compiler_available() -> bool:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         return False
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(ptxas)
+    from triton_aot import nvidia_tool
+    return os.path.exists(nvidia_tool("ptxas"))
 
 
 @pytest.fixture(scope="module")

@@ -149,8 +149,9 @@ def token_op_launches(B: int, N: int, K: int, K2: int, C: int, dtype: torch.dtyp
     return sink
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary that ships inside triton's NVIDIA backend (ptxas, cuobjdump)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def compile_sm90(launch: Launch) -> Dict[str, int]:
@@ -163,7 +164,7 @@ def compile_sm90(launch: Launch) -> Dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True).stdout
+        text = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", text)  # STACK > 0: registers spilled to local memory
     if m:
         usage["registers"], usage["stack"] = int(m.group(1)), int(m.group(2))
