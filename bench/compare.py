@@ -303,7 +303,7 @@ def bench_model(name, args, device, dtype, api, api_error):
 def _resolved_backend(device):
     try:
         import importlib
-        b = importlib.import_module("pm_kernels.backends")
+        b = importlib.import_module("pm_kernels.dispatch")
         return b.select("auto", device, ("cuda", "triton", "torch"), ("cuda", "triton", "torch"))
     except Exception as err:  # noqa: BLE001
         return f"unknown ({err})"

@@ -2,8 +2,8 @@
 
 DeiT-S/16 at 224 sizes: B = 256, N = 197, C = 384, K = K_next = 118 (keep rate 0.6).
 Compared:
-  - triton fused:    pm_kernels.kernels.merge_triton.reconstruct_merge (one kernel, x' tile kept on chip)
-  - triton unfused:  merge_triton.reconstruct then merge_triton.merge (x' written, then re-read)
+  - triton fused:    pm_kernels.kernels.token_ops_triton.reconstruct_merge (one kernel, x' tile kept on chip)
+  - triton unfused:  token_ops_triton.reconstruct then token_ops_triton.merge (x' written, then re-read)
   - torch reference: pm_kernels.reference.reconstruct_merge_reference (separate matmuls + mul + add)
 
 Run on a GPU:  pytest bench/test_bench_token_ops.py --benchmark-only
@@ -51,7 +51,7 @@ def traffic_bytes(z, R, x, M_next):
 
 def _ops():
     from pm_kernels import reference as ref
-    from pm_kernels.kernels import merge_triton as mt
+    from pm_kernels.kernels import token_ops_triton as mt
 
     def fused(z, R, x, keep, M_next):
         return mt.reconstruct_merge(z, R, x, keep, M_next)

@@ -5,10 +5,13 @@
     scores = pm_kernels.calibrate(model, batches)          # SPEC §3, inside the fused attention backward
     pm_kernels.compress(model, scores, keep_rate=0.6)       # SPEC §2, §4
 """
+import sys
+
 from . import models  # noqa: F401  (registers the pm_* timm models)
 from .attention import attention
 from . import flop_count  # noqa: F401  (FLOP formulas for the attention ops, after they are registered)
-from .backends import backends
+from . import dispatch as _dispatch
+from .dispatch import backends
 from .block import fused_block
 from .calibrate import calibrate
 from .compress import compress
@@ -18,6 +21,10 @@ from .optimize import OptimizedPM, optimize
 from .token_ops import merge, reconstruct, reconstruct_merge
 
 __version__ = "0.1.0"
+
+# The dispatch module was ``pm_kernels.backends`` until 0.1, a name the function ``backends()`` shadows.
+# ``import pm_kernels.backends`` / ``from pm_kernels.backends import ...`` keep working for one release.
+sys.modules.setdefault(__name__ + ".backends", _dispatch)
 
 __all__ = [
     "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",

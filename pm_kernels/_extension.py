@@ -24,9 +24,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.pm_kernels.*)
 
-__all__ = ["merge", "reconstruct", "reconstruct_merge", "WITH_CUDA"]
-
-WITH_CUDA: bool = bool(getattr(_C, "WITH_CUDA", False))
+__all__ = ["merge", "reconstruct", "reconstruct_merge"]
 
 _ops = torch.ops.pm_kernels
 

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backends import select as _select_backend
+from .dispatch import select as _select_backend
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .reference import _compute_dtype, attention_backward_reference, attention_forward_reference
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends as _backends
+from . import dispatch as _backends
 from . import reference as _ref
 from ._checks import FLOAT_DTYPES, check_keep_mask, check_same_device, check_tensor
 
@@ -99,7 +99,7 @@ def dispatch_reconstruct_merge(z, R, x, keep_mask, M_next, backend: str = "auto"
 def _native(name: str):
     """The module implementing merge / reconstruct / reconstruct_merge for a native backend."""
     if name == "triton":
-        from .kernels import merge_triton
-        return merge_triton
+        from .kernels import token_ops_triton
+        return token_ops_triton
     from . import _extension
     return _extension

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from pm_kernels.attention import attention  # noqa: E402
 from pm_kernels.reference import attention_reference  # noqa: E402
 
-_backends = importlib.import_module("pm_kernels.backends")  # pm_kernels.backends is also a function
+_backends = importlib.import_module("pm_kernels.dispatch")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 HAS_TRITON = _backends.usable("triton", DEVICE)
@@ -127,11 +127,10 @@ def test_without_score_same_gradients(backend):
 
 
 @needs_triton
-def test_triton_attention_autograd_function():
-    from pm_kernels.kernels.attention_triton import triton_attention
+def test_triton_without_ragged_block():
     q, k, v, do = _inputs(1, 2, 64, 64, torch.float32, seed=5)  # N a multiple of the block: no ragged block
     score = torch.zeros(64, device=DEVICE)
-    out = triton_attention(q, k, v, score=score)
+    out = attention(q, k, v, score=score, backend="triton")
     out.backward(do)
     _assert_close((out, q.grad, k.grad, v.grad, score), _reference(q, k, v, do), _tol(torch.float32))
 
@@ -289,12 +288,9 @@ def test_bad_inputs(case, exc, match):
     (32, torch.float64, r"q: .*float32, float16, bfloat16, got float64"),
 ])
 def test_triton_unsupported_inputs(D, dtype, match):
-    from pm_kernels.kernels.attention_triton import triton_attention
     q, k, v = (t.to(DEVICE) for t in _good(D, dtype))
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, backend="triton")
-    with pytest.raises(ValueError, match=match):
-        triton_attention(q, k, v)
     # "auto" falls back to the torch backend instead.
     out = attention(q, k, v, backend="auto")
     assert torch.allclose(out.double(), attention_reference(q.double(), k.double(), v.double()), atol=1e-2)

@@ -11,7 +11,7 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 
 import pm_kernels
-from pm_kernels.backends import usable
+from pm_kernels.dispatch import usable
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -99,7 +99,7 @@ class _Recorder:
 def recording(sink: List[Launch]):
     """Every Triton launch of the package inside this block is recorded into ``sink`` with GPU settings."""
     from pm_kernels.kernels import attention_triton as at
-    from pm_kernels.kernels import merge_triton as mt
+    from pm_kernels.kernels import token_ops_triton as mt
     patches = [
         mock.patch.object(at, "_fwd_launch", _Recorder(at._attn_fwd_kernel, sink, at.FWD_CONFIGS)),
         mock.patch.object(at, "_dkdv_launch", _Recorder(at._attn_bwd_dkdv_kernel, sink, at.DKDV_CONFIGS)),
@@ -131,7 +131,7 @@ def attention_launches(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> Li
 
 def token_op_launches(B: int, N: int, K: int, K2: int, C: int, dtype: torch.dtype) -> List[Launch]:
     """Forward and backward launches of merge, reconstruct and the fused reconstruct_merge."""
-    from pm_kernels.kernels import merge_triton as mt
+    from pm_kernels.kernels import token_ops_triton as mt
     sink: List[Launch] = []
     keep = torch.zeros(N, dtype=torch.bool)
     keep[:K] = True

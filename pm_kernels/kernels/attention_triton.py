@@ -26,15 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import check_triton_inputs
-from ..backends import interpreting
+from ..dispatch import interpreting
 
-__all__ = [
-    "attention_fwd",
-    "attention_bwd",
-    "TritonAttentionFunction",
-    "triton_attention",
-]
+__all__ = ["attention_fwd", "attention_bwd"]
 
 
 _INTERPRET = interpreting()
@@ -313,8 +307,10 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (B,H,N,D) contiguous, lse (B,H,N) fp32, natural log of Σ_k exp(q·k·scale))."""
-    check_triton_inputs(q)
+    """(out (B,H,N,D) contiguous, lse (B,H,N) fp32, natural log of Σ_k exp(q·k·scale)).
+
+    Trusts its caller (``pm_kernels.attention``): dtype and head dim are ones the kernels support.
+    """
     B, H, N, D = q.shape
     out = _new_buffer((B, H, N, D), q.dtype, q.device)
     lse = _new_buffer((B, H, N), torch.float32, q.device)
@@ -335,7 +331,6 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   out: torch.Tensor, lse: torch.Tensor, scale: float,
                   score: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each contiguous (B,H,N,D); adds Σ_{b,h,q} P⊙dP per key into ``score`` if given."""
-    check_triton_inputs(q)
     B, H, N, D = q.shape
     dq = _new_buffer((B, H, N, D), q.dtype, q.device)
     dk = _new_buffer((B, H, N, D), k.dtype, k.device)
@@ -372,33 +367,3 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     if has_score:
         score.add_(partial.sum(dim=0))  # deterministic reduction over (b, h)
     return dq, dk, dv
-
-
-# ------------------------------------------------------------------------------------------- autograd
-
-class TritonAttentionFunction(torch.autograd.Function):
-    """Eager autograd wrapper of the kernels (``pm_kernels.attention`` goes through the torch.library op)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float, score: Optional[torch.Tensor]):
-        out, lse = attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.score = score
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, ctx.score)
-        return dq, dk, dv, None, None
-
-
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                     score: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v over (B, H, N, D) inputs with the Triton kernels (no input checks beyond
-    dtype / head dim: ``pm_kernels.attention`` does them). ``score`` (N,) fp32 is added to in backward."""
-    check_triton_inputs(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return TritonAttentionFunction.apply(q, k, v, float(scale), score)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as _ref
-from ..backends import interpreting
+from ..dispatch import interpreting
 
 __all__ = ["merge", "reconstruct", "reconstruct_merge"]
 
