@@ -242,7 +242,7 @@ def bench_model(name, args, device, dtype, api, api_error):
                 return m
 
             run("pm-torch", keep, lambda: pm_build("torch"), target, pm_extra)
-            auto = (_resolved_backend(device) if args.pm_kernels_backend == "auto"
+            auto = (_resolved_backend(device, DTYPES[args.dtype]) if args.pm_kernels_backend == "auto"
                     else args.pm_kernels_backend)
             if auto == "torch":
                 msg = (f"pm-kernels (keep {keep}) not timed: backend auto resolves to 'torch' on "
@@ -300,11 +300,10 @@ def bench_model(name, args, device, dtype, api, api_error):
     return rows, notes
 
 
-def _resolved_backend(device):
+def _resolved_backend(device, dtype):
     try:
         import importlib
-        b = importlib.import_module("pm_kernels.dispatch")
-        return b.select("auto", device, ("cuda", "triton", "torch"), ("cuda", "triton", "torch"))
+        return importlib.import_module("pm_kernels.dispatch").select("reconstruct_merge", "auto", device, dtype)
     except Exception as err:  # noqa: BLE001
         return f"unknown ({err})"
 

@@ -8,14 +8,14 @@
 import sys
 
 from . import models  # noqa: F401  (registers the pm_* timm models)
-from .attention import attention
-from . import flop_count  # noqa: F401  (FLOP formulas for the attention ops, after they are registered)
+from .attention import attention  # also registers its FLOP formulas with torch.utils.flop_counter
 from . import dispatch as _dispatch
 from .dispatch import backends
 from .block import fused_block
 from .calibrate import calibrate
 from .compress import compress
-from .patch import PMAttention, PMBlock, is_patched, patch_timm, set_backend
+from .layers import PMAttention, PMBlock, PMBlocks
+from .patch import PMVisionTransformer, is_patched, patch_timm, set_backend
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import OptimizedPM, optimize
 from .token_ops import merge, reconstruct, reconstruct_merge
@@ -28,6 +28,7 @@ sys.modules.setdefault(__name__ + ".backends", _dispatch)
 
 __all__ = [
     "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
-    "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock", "reconstruct",
+    "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock",
+    "PMBlocks", "PMVisionTransformer", "reconstruct",
     "reconstruct_merge", "search_structure", "set_backend",
 ]

@@ -6,27 +6,24 @@ With ``score`` given, the backward pass adds Σ_{b,h,q} P ⊙ dP per key into it
 The Triton kernels and the torch math that computes a score both run inside two ``torch.library`` custom ops,
 ``pm_kernels::attention_fwd`` (→ out, lse) and ``pm_kernels::attention_bwd`` (→ dq, dk, dv; mutates
 ``score``), tied by ``register_autograd`` and given fake implementations, so ``torch.compile(fullgraph=True)``
-traces a model calling ``attention`` without a graph break. The torch backend without a score is SDPA.
+traces a model calling ``attention`` without a graph break. The torch backend without a score is SDPA (which
+also runs attention dropout). Which backend runs is ``pm_kernels.dispatch``'s decision.
 """
-from typing import Optional, Tuple
+import math
+from typing import FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
-from .dispatch import select as _select_backend
+from . import dispatch
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .reference import _compute_dtype, attention_backward_reference, attention_forward_reference
 
-__all__ = ["attention"]
-
-# Backends in the order "auto" tries them; the compiled extension has no attention kernel.
-_SUPPORTED = ("triton", "torch")
-# What the Triton kernels handle (pm_kernels/kernels/attention_triton.py); "auto" falls back to torch otherwise.
-TRITON_HEAD_DIMS = (32, 64, 128)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["attention", "attention_features", "run_attention", "attention_forward_flops", "attention_backward_flops"]
 
 
-def _check_inputs(q, k, v, scale, score):
+def _check_inputs(q, k, v, scale, score, dropout_p):
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, what="shape (B, H, N, D)")
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), shape=tuple(q.shape),
                  what=f"shape {tuple(q.shape)} like q")
@@ -39,20 +36,20 @@ def _check_inputs(q, k, v, scale, score):
     check_same_device(q=q, k=k, v=v, score=score)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
 
-def triton_supports(q: torch.Tensor) -> bool:
-    return q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
+def attention_features(score: Optional[torch.Tensor], dropout_p: float) -> FrozenSet[str]:
+    """What a call needs of a backend (``dispatch.CAPABILITIES`` features): "score", "dropout", not both."""
+    if score is None:
+        return _DROPOUT if dropout_p > 0 else _PLAIN
+    if dropout_p > 0:
+        raise ValueError("score: the calibration score needs attention dropout off (dropout_p=0, model.eval())")
+    return _SCORE
 
 
-def check_triton_inputs(q: torch.Tensor) -> None:
-    """Raise ValueError unless the Triton kernels support q's dtype and head dim (k, v are checked like q)."""
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"q: the triton attention backend supports dtypes float32, float16, bfloat16, "
-                         f"got {str(q.dtype).replace('torch.', '')} (use backend='torch')")
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        raise ValueError(f"q: the triton attention backend supports head dims "
-                         f"{', '.join(map(str, TRITON_HEAD_DIMS))}, got {q.shape[-1]} (use backend='torch')")
+_PLAIN, _SCORE, _DROPOUT = frozenset(), frozenset({"score"}), frozenset({"dropout"})
 
 
 # ------------------------------------------------------------------------------------- custom ops
@@ -111,24 +108,55 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------- public op
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-              score: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+              score: Optional[torch.Tensor] = None, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """softmax(q kᵀ · scale) v for q, k, v of shape (B, H, N, D); returns (B, H, N, D).
 
     score: optional float32 (N,) tensor; the backward pass **adds** Σ_{b,h,q} P[q,k]·dP[q,k] to it.
-    scale: defaults to D ** -0.5.
-    backend: "auto" (Triton where it can run and supports the dtype / head dim, else torch), "triton"
+    scale: defaults to D ** -0.5. dropout_p: attention-probability dropout (torch backend only; no score).
+    backend: "auto" (Triton on CUDA tensors where it supports the input, else torch), "triton"
     (fp32/fp16/bf16, head dim 32, 64 or 128; CUDA tensors, or CPU under TRITON_INTERPRET=1) or "torch".
     q, k, v may be strided views (e.g. timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``): no copy is made.
     """
-    _check_inputs(q, k, v, scale, score)
-    name = _select_backend(backend, q.device, _SUPPORTED, auto_order=_SUPPORTED)
-    if name == "triton":
-        if backend == "auto" and not triton_supports(q):
-            name = "torch"
-        else:
-            check_triton_inputs(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    _check_inputs(q, k, v, scale, score, dropout_p)
+    name = dispatch.select("attention", backend, q.device, q.dtype, head_dim=q.shape[-1],
+                           features=attention_features(score, dropout_p), arg="q")
+    return run_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), score, dropout_p, name)
+
+
+def run_attention(q, k, v, scale: float, score: Optional[torch.Tensor], dropout_p: float, name: str):
+    """``attention`` on the resolved backend ``name``, no checks (callers that resolved it once call this)."""
     if name == "torch" and score is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=float(scale))
-    return _attention_fwd(q, k, v, float(scale), score, name)[0]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return _attention_fwd(q, k, v, scale, score, name)[0]
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+# torch.utils.flop_counter lacks formulas for these ops and for torch's CPU SDPA kernel: without them attention
+# counts as 0 FLOPs. Convention (torch's): 2 FLOPs per multiply-add; forward QKᵀ and PV, 4·B·H·N²·D; backward
+# dV, dP, dQ, dK, 8·B·H·N²·D (the recomputation of P is not counted, as torch does for its own kernels).
+
+def attention_forward_flops(q_shape) -> int:
+    return 4 * math.prod(q_shape[:-1]) * q_shape[-2] * q_shape[-1]
+
+
+def attention_backward_flops(q_shape) -> int:
+    return 2 * attention_forward_flops(q_shape)
+
+
+def _register_flops(op_names, count):
+    for name in op_names:
+        namespace, op = name.split("::")
+        packet = getattr(getattr(torch.ops, namespace), op, None)
+        if packet is None:  # an op this torch does not have
+            continue
+
+        @register_flop_formula(packet)
+        def _formula(*shapes, out_shape=None, **kwargs):
+            return count(shapes[0])
+
+
+_register_flops(("pm_kernels::attention_fwd", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+                attention_forward_flops)
+# The backward ops take grad_out first; its shape equals q's.
+_register_flops(("pm_kernels::attention_bwd", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+                attention_backward_flops)

@@ -1,41 +1,66 @@
-"""``fused_block``: the Prune-and-Merge block of SPEC §1, as a function of a timm pre-norm ``Block``.
+"""The Prune-and-Merge block of SPEC §1, written once, and the checks of a block's structure.
 
     shortcut = (1 − m) ⊙ x                 pruned tokens only
     z = M x                                 K tokens (merge)
-    z = z + Attn(LN1(z)); z = z + MLP(LN2(z))
+    z = z + Attn(LN1(z)); z = z + MLP(LN2(z))      the block's own body, on K tokens
     out = R z + shortcut                    all N tokens back (reconstruct)
+
+``vit_body`` is the pre-norm body of a timm ``Block``; ``pm_kernels.layers`` gives every PM block class a
+``body`` and runs merge → body → reconstruct (one block) or the chained form with fused boundaries
+(``PMBlocks``); ``optimize`` runs the same ``body`` between folded boundaries.
 """
 import torch
 from torch import nn
 
 from . import token_ops
-from ._checks import check_same_device
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
-__all__ = ["fused_block", "check_block_inputs"]
-
-
-def check_block_inputs(x: torch.Tensor, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> None:
-    """All shape/dtype/device checks of a PM block, before any compute."""
-    token_ops._check_x("x", x)
-    token_ops._check_merge_matrix("M", M, x.shape[1])
-    token_ops._check_reconstruct_matrix(R, keep_mask, x.shape[1], M.shape[0])
-    check_same_device(x=x, M=M, R=R, keep_mask=keep_mask)
+__all__ = ["fused_block", "vit_body", "check_structure", "check_tokens"]
 
 
-def transformer_body(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The ordinary pre-norm ViT block on the K merged tokens."""
+def vit_body(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The ordinary pre-norm ViT block (timm ``Block``) on the K merged tokens."""
     z = z + block.drop_path1(block.ls1(block.attn(block.norm1(z))))
     return z + block.drop_path2(block.ls2(block.mlp(block.norm2(z))))
+
+
+def check_structure(M, R, keep_mask, n_tokens: int, where: str = "", values: bool = True) -> None:
+    """A block's structure, checked where it changes (install, checkpoint load), never per forward.
+
+    M (K, N) and R (N, K) float with 1 <= K <= N = ``n_tokens``, finite (``values``: the one check that reads
+    the data, a device sync on a GPU); keep_mask bool (N,). ``where`` prefixes the argument names in errors.
+    """
+    check_tensor(f"{where}M", M, ndim=2, dtypes=FLOAT_DTYPES, what=f"shape (K, {n_tokens}) with 1 <= K <= {n_tokens}")
+    k = M.shape[0]
+    if M.shape[1] != n_tokens or not 1 <= k <= n_tokens:
+        raise ValueError(f"{where}M: expected shape (K, {n_tokens}) with 1 <= K <= {n_tokens}, got {tuple(M.shape)}")
+    token_ops.check_reconstruct_matrix(R, keep_mask, n_tokens, k, name=f"{where}R")
+    check_same_device(**{f"{where}M": M, f"{where}R": R, f"{where}keep_mask": keep_mask})
+    for name, t in ((f"{where}M", M), (f"{where}R", R)) if values else ():
+        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected finite values")
+
+
+def check_tokens(x: torch.Tensor, n_tokens: int, ref: torch.Tensor) -> None:
+    """A block's input: float (B, N, C) with N = ``n_tokens``, on ``ref``'s device: the only per-forward check."""
+    token_ops.check_x("x", x)
+    if x.shape[1] != n_tokens:
+        raise ValueError(f"x: expected {n_tokens} tokens (shape (B, {n_tokens}, C)) for this block's structure, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"x: expected a tensor on {ref.device} like the block's M, got {x.device}")
 
 
 def fused_block(x: torch.Tensor, block: nn.Module, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor,
                 *, backend: str = "auto") -> torch.Tensor:
     """One PM block: x (B, N, C), M (K, N), R (N, K), keep_mask bool (N,) → (B, N, C).
 
-    ``block`` is a timm pre-norm ``Block`` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2).
-    ``backend`` picks the merge/reconstruct kernels (auto | cuda | triton | torch).
+    ``block`` is a timm pre-norm ``Block`` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2) or any
+    PM block (its own ``body``). ``backend`` picks the merge/reconstruct kernels (auto | cuda | triton | torch).
     """
-    check_block_inputs(x, M, R, keep_mask)
-    z = token_ops.dispatch_merge(x, M, backend)
-    z = transformer_body(block, z)
-    return token_ops.dispatch_reconstruct(z, R, x, keep_mask, backend)
+    token_ops.check_x("x", x)
+    check_structure(M, R, keep_mask, x.shape[1], values=False)
+    check_same_device(x=x, M=M)
+    z = token_ops.run_merge(x, M, backend)
+    z = block.body(z) if hasattr(block, "body") else vit_body(block, z)
+    return token_ops.run_reconstruct(z, R, x, keep_mask, backend)

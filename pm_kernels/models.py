@@ -6,19 +6,11 @@ its own structure (M, R, keep_mask shapes); a dense DeiT checkpoint loads as the
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import checkpoint_filter_fn
 
-from .patch import patch_timm
+from .patch import PMVisionTransformer
 
 __all__ = ["PMVisionTransformer"]
-
-
-class PMVisionTransformer(VisionTransformer):
-    """A timm VisionTransformer whose blocks are Prune-and-Merge blocks."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        patch_timm(self)
 
 
 def _cfg(**kwargs):

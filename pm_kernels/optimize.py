@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from . import token_ops
-from .block import transformer_body
 from .patch import is_patched
 
 __all__ = ["optimize", "OptimizedPM"]
@@ -67,12 +66,12 @@ class OptimizedPM(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
-        y = token_ops.dispatch_merge(x, self.W0, self.backend)
+        y = token_ops.run_merge(x, self.W0, self.backend)
         for layer, blk in enumerate(m.blocks):
             k = self.kept[layer]
-            z = transformer_body(blk, y[:, :k])
+            z = blk.body(y[:, :k])
             y = torch.cat([z, y[:, k:]], dim=1) if y.shape[1] > k else z
-            y = token_ops.dispatch_merge(y, getattr(self, f"W{layer + 1}"), self.backend)
+            y = token_ops.run_merge(y, getattr(self, f"W{layer + 1}"), self.backend)
         return m.forward_head(m.norm(y))
 
 

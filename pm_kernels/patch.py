@@ -1,133 +1,84 @@
 """``patch_timm``: turn a timm VisionTransformer into a Prune-and-Merge model, in place (ToMe-style class swap).
 
-Each block becomes a ``PMBlock`` (a timm ``Block`` with parameters ``M`` (K×N), ``R`` (N×K) and a bool buffer
-``keep_mask`` (N,)), and its attention a ``PMAttention`` that runs ``pm_kernels.attention`` (fused, and able to
-emit the calibration score). State-dict keys stay timm's, plus ``blocks.i.M / .R / .keep_mask``.
+The model becomes a ``PMVisionTransformer`` (its ``forward_features`` runs the fused block chain, gradient
+checkpointing included), ``model.blocks`` a ``PMBlocks``, each block a ``PMBlock`` and its attention a
+``PMAttention``; the identity structure is installed (outputs equal the dense model's). ``compress`` installs a
+searched structure through ``install_structure``. State-dict keys stay timm's, plus ``blocks.i.M / .R /
+.keep_mask``.
 """
-from typing import Optional, Sequence
+import warnings
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from . import token_ops
-from .attention import attention
-from .block import check_block_inputs, fused_block, transformer_body
-from .structure import LayerStructure, build_merge_matrix, identity_structure, init_reconstruct, search_structure
+from .dispatch import model_backend
+from .layers import PMAttention, PMBlock, PMBlockMixin, PMBlocks
+from .structure import LayerStructure, search_structure, structure_matrices
 
-__all__ = ["PMBlock", "PMBlocks", "PMAttention", "patch_timm", "is_patched", "num_tokens", "set_backend"]
+__all__ = ["PMVisionTransformer", "patch_timm", "install_structure", "is_patched", "num_tokens", "set_backend"]
 
 
-class PMAttention(Attention):
-    """timm ``Attention`` whose core is ``pm_kernels.attention``.
+class PMModelMixin:
+    """What a PM model adds to its timm class: features through the fused ``PMBlocks`` chain."""
 
-    ``score_accumulator``: when set to a float32 (N,) tensor, the backward pass adds Σ_{b,h,q} P ⊙ dP into it.
-    """
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        self.blocks.grad_checkpointing = enable  # checkpointed inside the chain: the fused boundaries survive
 
-    backend: str = "auto"
-    score_accumulator: Optional[torch.Tensor] = None
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        # timm's forward_features, except that the blocks always run as one PMBlocks chain (timm hands them to
+        # checkpoint_seq one by one under gradient checkpointing, which would unfuse every boundary).
         if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask: Prune-and-Merge attention takes no mask and no causal flag")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.training and self.attn_drop.p > 0:
-            # Attention dropout is not in our kernels: fall back to SDPA (no score possible there).
-            if self.score_accumulator is not None:
-                raise RuntimeError("calibration score needs attention dropout off (call model.eval())")
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
-        else:
-            x = attention(q, k, v, scale=self.scale, score=self.score_accumulator, backend=self.backend)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+            raise ValueError("attn_mask: Prune-and-Merge models take no mask and no causal flag")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self.norm(self.blocks(x))
 
 
-class PMBlock(Block):
-    """timm pre-norm ``Block`` computing the PM block of SPEC §1 with its own ``M``, ``R`` and ``keep_mask``."""
+class PMVisionTransformer(PMModelMixin, VisionTransformer):
+    """A timm VisionTransformer whose blocks are Prune-and-Merge blocks (identity structure when built)."""
 
-    backend: str = "auto"
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask: Prune-and-Merge blocks take no mask and no causal flag")
-        return fused_block(x, self, self.M, self.R, self.keep_mask, backend=self.backend)
-
-    def set_structure(self, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> None:
-        """Install new M, R (as trainable parameters, in the block's dtype/device) and keep_mask."""
-        ref = self.norm1.weight if getattr(self.norm1, "weight", None) is not None else self.attn.qkv.weight
-        self.M = torch.nn.Parameter(M.detach().to(ref.device, ref.dtype).clone())
-        self.R = torch.nn.Parameter(R.detach().to(ref.device, ref.dtype).clone())
-        self.register_buffer("keep_mask", keep_mask.detach().to(ref.device, torch.bool).clone())
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A PM checkpoint may carry another structure (other K): take its shapes before loading.
-        # A dense timm checkpoint (no M/R/keep_mask at all) loads as the identity structure.
-        keys = [prefix + name for name in ("M", "R", "keep_mask")]
-        if all(k in state_dict for k in keys):
-            M, R, mask = (state_dict[k] for k in keys)
-            if M.shape != self.M.shape or R.shape != self.R.shape or mask.shape != self.keep_mask.shape:
-                self.set_structure(torch.empty_like(M), torch.empty_like(R), mask.bool())
-        elif not any(k in state_dict for k in keys) and any(k.startswith(prefix) for k in state_dict):
-            n = self.keep_mask.shape[0]
-            eye = torch.eye(n, dtype=self.M.dtype)
-            state_dict = dict(state_dict)
-            state_dict.update(zip(keys, (eye, eye, torch.ones(n, dtype=torch.bool))))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        patch_timm(self)
 
 
-class PMBlocks(torch.nn.Sequential):
-    """``model.blocks`` of a PM model: runs the blocks with each boundary as one fused op.
+_PM_CLASSES = {VisionTransformer: PMVisionTransformer}
 
-    Block by block, SPEC §1 is merge → body → reconstruct; chained, the reconstruct of block l and the merge of
-    block l+1 become one ``reconstruct_merge`` (one pass over the N-token activations instead of two).
-    Same math, same state-dict keys; each block still works alone (``blocks[i](x)``).
-    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = list(self)
-        for blk in blocks:  # every check once, before any compute; the token ops below then skip theirs
-            check_block_inputs(x, blk.M, blk.R, blk.keep_mask)
-        z = token_ops.dispatch_merge(x, blocks[0].M, blocks[0].backend)
-        for layer, blk in enumerate(blocks):
-            z = transformer_body(blk, z)
-            if layer + 1 < len(blocks):
-                x, z = token_ops.dispatch_reconstruct_merge(z, blk.R, x, blk.keep_mask, blocks[layer + 1].M,
-                                                            blk.backend)
-            else:
-                x = token_ops.dispatch_reconstruct(z, blk.R, x, blk.keep_mask, blk.backend)
-        return x
+def _pm_class(cls: type) -> type:
+    """The PM class of a timm model class (made once for subclasses of VisionTransformer, as ToMe does)."""
+    if issubclass(cls, PMModelMixin):
+        return cls
+    if cls not in _PM_CLASSES:
+        _PM_CLASSES[cls] = type(f"PM{cls.__name__}", (PMModelMixin, cls), {"__module__": cls.__module__})
+    return _PM_CLASSES[cls]
 
 
 def is_patched(model) -> bool:
-    return isinstance(model, VisionTransformer) and len(model.blocks) > 0 and all(
-        isinstance(b, PMBlock) for b in model.blocks)
+    return (isinstance(model, PMModelMixin) and len(model.blocks) > 0
+            and all(isinstance(b, PMBlockMixin) for b in model.blocks))
 
 
 def num_tokens(model: VisionTransformer) -> int:
-    """N: CLS + patches."""
+    """N: prefix tokens + patches."""
     return model.num_prefix_tokens + model.patch_embed.num_patches
 
 
 def set_backend(model, backend: str) -> None:
     """Route every patched block's token ops and attention to ``backend`` (auto | cuda | triton | torch).
 
-    The compiled extension ("cuda") has no attention kernel: with it, attention stays on "auto".
+    An op without that backend stays on "auto" (the extension, "cuda", has no attention kernel).
     """
     if backend not in ("auto", "cuda", "triton", "torch"):
         raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}")
+    if not is_patched(model):
+        raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm), got {type(model).__name__}")
     for blk in model.blocks:
-        blk.backend = backend
-        blk.attn.backend = "auto" if backend == "cuda" else backend
+        blk.backend = model_backend("merge", backend)
+        blk.attn.backend = model_backend("attention", backend)
 
 
 def _check_vit(model) -> None:
@@ -141,48 +92,85 @@ def _check_vit(model) -> None:
                          f"{model.num_prefix_tokens} (class_token={model.cls_token is not None})")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("model: dynamic_img_size=True is not supported (PM needs a fixed token count N)")
+    if not isinstance(model.blocks, torch.nn.Sequential):
+        raise TypeError(f"model.blocks: expected an nn.Sequential of timm Blocks, got {type(model.blocks).__name__}")
     for i, blk in enumerate(model.blocks):
         if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
             raise TypeError(f"model.blocks[{i}]: expected a timm pre-norm Block with Attention, "
                             f"got {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}")
 
 
+def _install(model, matrices: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Put one (M, R, keep_mask) per block into the model's PM blocks; each is checked by set_structure."""
+    if len(matrices) != len(model.blocks):
+        raise ValueError(f"structure: expected {len(model.blocks)} per-layer structures (one per block), "
+                         f"got {len(matrices)}")
+    n = num_tokens(model)
+    for layer, (blk, (M, R, keep_mask)) in enumerate(zip(model.blocks, matrices)):
+        if M.dim() != 2 or M.shape[1] != n:
+            raise ValueError(f"structure: layer {layer} is built for {M.shape[-1]} tokens, the model has N = {n}")
+        blk.set_structure(M, R, keep_mask)
+
+
 def patch_timm(model: VisionTransformer, structure: Optional[Sequence[LayerStructure]] = None,
                scores: Optional[torch.Tensor] = None, grid_size: Optional[Sequence[int]] = None
                ) -> VisionTransformer:
-    """Make ``model`` a Prune-and-Merge model in place and return it.
+    """Make ``model`` a Prune-and-Merge model in place with the identity structure (M = I, R = I,
+    keep_mask = 1: outputs equal the model's) and return it. A model already patched keeps its structure.
 
-    - no structure, no scores: the identity structure (M = I, R = I, keep_mask = 1), outputs equal the model's;
-    - ``scores`` (L, N−1) only: the structure is searched with the default rates (see ``compress``);
-    - ``structure`` (L per-layer ``pruned`` / ``centres``) and ``scores``: M from the scores (SPEC §2), R = pinv(M).
-    ``grid_size`` (h, w) defaults to the patch grid of ``model.patch_embed``.
+    ``structure`` / ``scores`` / ``grid_size`` are deprecated (use ``pm_kernels.compress``): they install a
+    searched structure as before.
     """
-    _check_vit(model)
-    n_layers, n_patches = len(model.blocks), model.patch_embed.num_patches
-    grid_size = tuple(model.patch_embed.grid_size) if grid_size is None else grid_size
-    if scores is not None:
-        expected = (n_layers, n_patches)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
-            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"scores: expected a tensor of shape (L, N-1) = {expected} for this model, got {got}")
-        if structure is None:
-            structure = search_structure(scores)
-    if structure is None:
-        structure = [identity_structure(n_patches) for _ in range(n_layers)]
-    elif scores is None:
-        raise ValueError("scores: needed with a structure, to weight the merge matrices (SPEC §2)")
-    if len(structure) != n_layers:
-        raise ValueError(f"structure: expected {n_layers} per-layer structures (one per block), got {len(structure)}")
-
-    for layer, (blk, st) in enumerate(zip(model.blocks, structure)):
-        layer_scores = scores[layer] if scores is not None else torch.ones(n_patches)
-        M = build_merge_matrix(layer_scores.float(), st.pruned.cpu(), st.centres.cpu(), grid_size)
-        R = init_reconstruct(M)
-        keep_mask = torch.cat([torch.ones(1, dtype=torch.bool), ~st.pruned.cpu()])
-        if not isinstance(blk, PMBlock):
+    if structure is not None or scores is not None or grid_size is not None:
+        warnings.warn("patch_timm(model, structure=..., scores=..., grid_size=...) is deprecated and will be removed "
+                      "in 0.3: call pm_kernels.patch_timm(model), then pm_kernels.compress(model, scores, ...)",
+                      DeprecationWarning, stacklevel=2)
+    if is_patched(model):
+        pass
+    else:
+        _check_vit(model)
+        for blk in model.blocks:
             blk.__class__ = PMBlock
             blk.attn.__class__ = PMAttention
-        blk.set_structure(M, R, keep_mask)
-    if isinstance(model.blocks, torch.nn.Sequential) and not isinstance(model.blocks, PMBlocks):
+            blk.attn.init_pm()
+            blk.backend = "auto"
         model.blocks.__class__ = PMBlocks
+        model.blocks.grad_checkpointing = bool(getattr(model, "grad_checkpointing", False))
+        model.__class__ = _pm_class(type(model))
+        n = num_tokens(model)
+        eye = torch.eye(n)
+        _install(model, [(eye, eye, torch.ones(n, dtype=torch.bool))] * len(model.blocks))
+    if structure is not None or scores is not None or grid_size is not None:
+        _deprecated_install(model, structure, scores, grid_size)
     return model
+
+
+def _deprecated_install(model, structure, scores, grid_size) -> None:
+    if scores is None:
+        raise ValueError("scores: needed with a structure, to weight the merge matrices (SPEC §2)")
+    if structure is None:
+        structure = search_structure(check_scores(model, scores))
+    install_structure(model, structure, scores, grid_size)
+
+
+def check_scores(model, scores) -> torch.Tensor:
+    expected = (len(model.blocks), model.patch_embed.num_patches)
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores: expected a tensor of shape (L, num_patches) = {expected} for this model, got {got}")
+    return scores
+
+
+def install_structure(model, structure: Sequence[LayerStructure], scores: torch.Tensor,
+                      grid_size: Optional[Sequence[int]] = None) -> None:
+    """Install per-layer ``structure`` into a PM model: M from ``scores`` (SPEC §2), R = pinv(M), keep masks.
+
+    ``grid_size`` (h, w) defaults to the patch grid of ``model.patch_embed``.
+    """
+    if not is_patched(model):
+        raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm), got {type(model).__name__}")
+    check_scores(model, scores)
+    if len(structure) != len(model.blocks):
+        raise ValueError(f"structure: expected {len(model.blocks)} per-layer structures (one per block), "
+                         f"got {len(structure)}")
+    _install(model, structure_matrices(structure, scores, grid_size, tuple(model.patch_embed.grid_size)))

@@ -5,13 +5,14 @@ column ``j + 1`` of M is patch ``j`` (column 0 is CLS).
 """
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ._checks import check_rate, check_tensor
 
-__all__ = ["LayerStructure", "build_merge_matrix", "init_reconstruct", "search_structure", "identity_structure"]
+__all__ = ["LayerStructure", "build_merge_matrix", "init_reconstruct", "search_structure", "identity_structure",
+           "structure_matrices"]
 
 
 @dataclass
@@ -116,6 +117,18 @@ def init_reconstruct(M: torch.Tensor) -> torch.Tensor:
     if M.shape[0] > M.shape[1]:
         raise ValueError(f"M: expected shape (K, N) with K <= N, got {tuple(M.shape)}")
     return torch.linalg.pinv(M.detach().double()).to(M.dtype)
+
+
+def structure_matrices(structure: Sequence[LayerStructure], scores: torch.Tensor,
+                       grid_size: Optional[Sequence[int]], default_grid: Sequence[int]
+                       ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(M, R, keep_mask) per layer: M from the layer's scores (SPEC §2), R = pinv(M), keep_mask."""
+    grid = tuple(default_grid) if grid_size is None else grid_size
+    matrices = []
+    for layer, st in enumerate(structure):
+        M = build_merge_matrix(scores[layer].float(), st.pruned.cpu(), st.centres.cpu(), grid)
+        matrices.append((M, init_reconstruct(M), st.keep_mask.cpu()))
+    return matrices
 
 
 def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: float = 0.1,

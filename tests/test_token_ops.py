@@ -267,11 +267,16 @@ def test_identity_block_and_pruned_passthrough(backend):
     torch.testing.assert_close(out[:, [3, 8]], x[:, [3, 8]], rtol=0, atol=0)
 
 
-def test_triton_float64_goes_to_reference():
+def test_triton_rejects_float64_and_auto_runs_it_elsewhere():
+    # One rule for every op: a forced backend that cannot run the input raises, naming op, backend and reason.
     base, keep = _inputs(2, 5, 3, 4, 8, torch.float64, torch.float64)
-    got = token_ops.reconstruct_merge(base["z"], base["R"], base["x"], keep, base["M_next"], backend="triton")
-    want = ref.reconstruct_merge_reference(base["z"], base["R"], base["x"], keep, base["M_next"])
-    for a, b in zip(got, want):
+    args = (base["z"], base["R"], base["x"], keep, base["M_next"])
+    with pytest.raises(ValueError, match=r"x: the triton backend of reconstruct_merge supports dtypes .*got float64"):
+        token_ops.reconstruct_merge(*args, backend="triton")
+    with pytest.raises(ValueError, match=r"x: the triton backend of merge supports dtypes .*got float64"):
+        token_ops.merge(base["x"], base["M_next"], backend="triton")
+    want = ref.reconstruct_merge_reference(*args)
+    for a, b in zip(token_ops.reconstruct_merge(*args, backend="auto"), want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -10,8 +10,8 @@ as 0/1, so (1 − m) selects the pruned tokens, which pass by the shortcut.
 Inputs arrive validated by ``pm_kernels.token_ops``. Precision: M and R are used in x's dtype, as autocast
 would do (the reference does the same); every product is accumulated in fp32 and the outputs are written
 in x's dtype. fp32 inputs use IEEE fp32 products (no TF32). Gradients of M / R come back in M's / R's
-own dtype, those of x / z in x's dtype. float64 activations (x, z) are not run by these kernels: they go
-to the PyTorch reference (``pm_kernels.reference``), which is exact for them.
+own dtype, those of x / z in x's dtype. float64 activations (x, z) are not run by these kernels: the dispatch
+(``pm_kernels.dispatch.CAPABILITIES``) sends them elsewhere.
 
 Layout and copies: every kernel takes explicit strides, so non-contiguous x, z, M, R and incoming gradients
 are read in place, **no copies**. The only extra tensors are: the (N,) fp32 "pruned" vector built from
@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference as _ref
 from ..dispatch import interpreting
 
 __all__ = ["merge", "reconstruct", "reconstruct_merge"]
@@ -524,29 +523,17 @@ class _ReconstructMerge(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_double(x: torch.Tensor) -> bool:
-    # float64 activations go to the reference (exact; the kernels target fp32/fp16/bf16).
-    # float64 M / R with fp32/half x are fine for the kernels: they are rounded to x's dtype on load.
-    return x.dtype == torch.float64
-
-
 def merge(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """z = M x: x (B, N, C), M (K, N) → (B, K, C) in x's dtype."""
-    if _is_double(x):
-        return _ref.merge_reference(x, M)
     return _Merge.apply(x, M)
 
 
 def reconstruct(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
     """x' = R z + (1 − m) ⊙ x → (B, N, C) in x's dtype."""
-    if _is_double(x):
-        return _ref.reconstruct_reference(z, R, x, keep_mask)
     return _Reconstruct.apply(z, R, x, keep_mask)
 
 
 def reconstruct_merge(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor,
                       M_next: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused block boundary: (x', z') with x' = R z + (1 − m) ⊙ x and z' = M_next x'."""
-    if _is_double(x):
-        return _ref.reconstruct_merge_reference(z, R, x, keep_mask, M_next)
     return _ReconstructMerge.apply(z, R, x, keep_mask, M_next)

@@ -1,0 +1,206 @@
+"""The package's shape: one capability table resolved once, structure checked where it changes, the fused
+chain under gradient checkpointing, one installer, no import cycle."""
+import ast
+import copy
+import pathlib
+import warnings
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import pm_kernels
+from pm_kernels import dispatch, token_ops
+
+PACKAGE = pathlib.Path(pm_kernels.__file__).parent
+
+
+def tiny_vit(depth=3):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, num_classes=5)
+
+
+def compressed(depth=3):
+    model = tiny_vit(depth)
+    pm_kernels.compress(model, torch.rand(depth, 16) + 0.1, keep_rate=0.5, prune_rate=0.2)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- imports
+
+def _imports(path: pathlib.Path):
+    """Package modules imported anywhere in ``path`` (function-level imports included)."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            names = [f"{target}.{a.name}" for a in node.names] + [target]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.startswith("pm_kernels"))
+    return module, found
+
+
+def test_no_import_cycle_in_the_package():
+    modules = dict(_imports(p) for p in PACKAGE.rglob("*.py"))
+    graph = {m: {t for t in targets if t in modules and t != m} for m, targets in modules.items()}
+    # A package __init__ importing its own submodules is not a cycle of the code: drop edges into __init__s.
+    packages = {m for m in modules if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").exists()}
+    graph = {m: {t for t in ts if t not in packages} for m, ts in graph.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in graph[m]:
+            if state.get(t) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+    assert "pm_kernels.kernels.attention_triton" in graph  # the walk saw the kernel files
+
+
+def test_backends_function_and_old_module_path():
+    assert callable(pm_kernels.backends) and set(pm_kernels.backends()) == set(dispatch.BACKENDS)
+    from pm_kernels.backends import select  # the pre-0.2 module path still imports
+    assert select is dispatch.select
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+def test_every_op_declares_every_backend_it_orders():
+    for op, order in dispatch.AUTO_ORDER.items():
+        assert set(order) <= set(dispatch.CAPABILITIES[op]), op
+        assert "torch" in dispatch.CAPABILITIES[op]  # the reference is always there to fall back on
+
+
+def test_resolution_is_cached_per_key(monkeypatch):
+    calls = []
+    real = dispatch._resolve
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(dispatch, "_resolve", lambda *a: calls.append(a) or real(*a))
+    x, M = torch.randn(2, 5, 4), torch.randn(3, 5)
+    for _ in range(3):
+        token_ops.merge(x, M)
+    token_ops.merge(x.double(), M)
+    assert len(calls) == 2  # one per (op, backend, device, dtype), not one per call
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: pm_kernels.attention(*[torch.randn(1, 1, 4, 32)] * 3, dropout_p=0.1, backend="triton"),
+     ValueError, r"q: the triton backend of attention does not implement dropout"),
+    (lambda: pm_kernels.attention(*[torch.randn(1, 1, 4, 32)] * 3, backend="cuda"),
+     ValueError, r"backend: attention has no 'cuda' implementation"),
+    (lambda: pm_kernels.attention(*[torch.randn(1, 1, 4, 32)] * 3, score=torch.zeros(4), dropout_p=0.1),
+     ValueError, r"score: the calibration score needs attention dropout off"),
+    (lambda: token_ops.merge(torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(3, 5), backend="triton"),
+     ValueError, r"x: the triton backend of merge supports dtypes float32, float16, bfloat16, got float64"),
+])
+def test_forced_backend_that_cannot_run_the_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_model_wide_backend_keeps_attention_on_auto_for_the_extension():
+    model = compressed()
+    pm_kernels.set_backend(model, "cuda")
+    assert {b.backend for b in model.blocks} == {"cuda"} and {b.attn.backend for b in model.blocks} == {"auto"}
+    with pytest.raises(TypeError, match="model: expected a PM model"):
+        pm_kernels.set_backend(tiny_vit(), "torch")
+
+
+# --------------------------------------------------------------------- structure checked where it changes
+
+@pytest.mark.parametrize("change, match", [
+    (lambda M, R, m: (M[:, :-1], R, m), r"M: expected shape \(K, 17\)"),
+    (lambda M, R, m: (M, R[:, :-1], m), r"R: expected shape \(17, \d+\)"),
+    (lambda M, R, m: (M, R, m.float()), r"keep_mask: expected dtype bool"),
+    (lambda M, R, m: (torch.eye(17).repeat(2, 1)[:18], torch.eye(17).repeat(1, 2)[:, :18], m),
+     r"M: expected shape \(K, 17\) with 1 <= K <= 17"),
+    (lambda M, R, m: (M.masked_fill(M != 0, float("nan")), R, m), r"M: expected finite values"),
+])
+def test_set_structure_checks_the_structure(change, match):
+    blk = compressed().blocks[1]
+    with pytest.raises((ValueError, TypeError), match=match):  # TypeError for a wrong dtype
+        blk.set_structure(*change(blk.M.detach(), blk.R.detach(), blk.keep_mask))
+
+
+def test_inconsistent_checkpoint_fails_at_load_not_at_forward():
+    model = compressed()
+    state = model.state_dict()
+    state["blocks.1.R"] = state["blocks.1.R"][:, :-1]  # K of R no longer K of M
+    fresh = pm_kernels.patch_timm(tiny_vit())
+    with pytest.raises(ValueError, match=r"blocks\.1\.R: expected shape"):
+        fresh.load_state_dict(state)
+    state = model.state_dict()
+    del state["blocks.2.keep_mask"]
+    with pytest.raises(ValueError, match=r"blocks\.2\.M, R and keep_mask come together.*keep_mask"):
+        fresh.load_state_dict(state)
+
+
+def test_forward_checks_x_only(monkeypatch):
+    model = compressed().eval()
+    images = torch.randn(2, 3, 16, 16)
+    import pm_kernels.block as block
+    import pm_kernels.layers as layers
+
+    def fail(*args, **kwargs):
+        raise AssertionError("structure re-checked in a forward")
+    monkeypatch.setattr(block, "check_structure", fail)
+    monkeypatch.setattr(layers, "check_structure", fail)
+    with torch.no_grad():
+        model(images)
+        model.blocks[0](torch.randn(2, 17, 32))
+        pm_kernels.optimize(model)(images)
+    with pytest.raises(ValueError, match=r"x: expected 17 tokens"):
+        model.blocks(torch.randn(2, 16, 32))
+
+
+# ------------------------------------------------------------------ one installer, gradient checkpointing
+
+def test_patch_timm_keeps_an_installed_structure_and_deprecates_its_structure_arguments():
+    model = compressed()
+    kept = [b.M.shape for b in model.blocks]
+    pm_kernels.patch_timm(model)
+    assert [b.M.shape for b in model.blocks] == kept
+    other = tiny_vit()
+    with pytest.warns(DeprecationWarning, match="pm_kernels.compress"):
+        pm_kernels.patch_timm(other, scores=torch.rand(3, 16) + 0.1)
+    assert any(b.M.shape[0] < 17 for b in other.blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm_kernels.patch_timm(tiny_vit())  # the identity: no warning
+
+
+def test_gradient_checkpointing_keeps_the_fused_boundaries(monkeypatch):
+    model = compressed()
+    images = torch.randn(2, 3, 16, 16)
+    plain = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing and model.blocks.grad_checkpointing
+    fused = []
+    real = token_ops.run_reconstruct_merge
+    monkeypatch.setattr(token_ops, "run_reconstruct_merge", lambda *a: fused.append(1) or real(*a))
+    out = model(images)
+    out.square().sum().backward()
+    # forward, and the recomputation in backward: every boundary between blocks still runs fused
+    assert len(fused) == 2 * (len(model.blocks) - 1)
+    ref = plain(images)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
