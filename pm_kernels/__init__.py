@@ -15,7 +15,8 @@ from .block import fused_block
 from .calibrate import calibrate
 from .compress import compress
 from .layers import PMAttention, PMBlock, PMBlocks
-from .patch import PMVisionTransformer, is_patched, patch_timm, set_backend
+from .eva import PMEvaAttention, PMEvaBlock
+from .patch import PMEva, PMVisionTransformer, is_patched, patch_timm, set_backend
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import OptimizedPM, optimize
 from .token_ops import merge, reconstruct, reconstruct_merge
@@ -29,6 +30,6 @@ sys.modules.setdefault(__name__ + ".backends", _dispatch)
 __all__ = [
     "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
     "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock",
-    "PMBlocks", "PMVisionTransformer", "reconstruct",
+    "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock", "PMVisionTransformer", "reconstruct",
     "reconstruct_merge", "search_structure", "set_backend",
 ]

@@ -1,17 +1,21 @@
 """The modules of a PM model: ``PMAttention``, ``PMBlock`` and ``PMBlocks`` (what ``patch_timm`` swaps in).
 
-A PM block is a timm block subclass with parameters ``M`` (K×N), ``R`` (N×K) and a bool buffer ``keep_mask``
-(N,); its ``body`` is the family's own math on K tokens, and ``forward`` is SPEC §1: merge → body →
-reconstruct. ``PMBlocks`` (a model's ``blocks``) runs the same blocks with each boundary fused into one
-``reconstruct_merge``. The structure is validated when it changes (``set_structure``, checkpoint load); a
-forward checks only its input x.
+A PM block is a timm block subclass. A block with a structure holds parameters ``M`` (K×N), ``R`` (N×K) and a
+bool buffer ``keep_mask`` (N,); its ``forward`` is SPEC §1: merge → ``body`` (the family's own math, on K
+tokens) → reconstruct. A block without one (the identity structure, ``M is None``) is the dense block: no
+product by I, any token count. ``PMBlocks`` (a model's ``blocks``) runs the blocks with each boundary between
+two compressed blocks fused into one ``reconstruct_merge``. The structure is validated when it changes
+(``set_structure``, checkpoint load); a forward checks only its input x.
+
+TorchScript and FX symbolic tracing see the reference math in standard ops (``_scripted_or_traced``).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
+import torch.fx._symbolic_trace as _fx
 from torch.utils.checkpoint import checkpoint
 
 from . import dispatch, token_ops
@@ -21,39 +25,65 @@ from .block import check_structure, check_tokens, vit_body
 __all__ = ["PMAttention", "PMBlock", "PMBlockMixin", "PMBlocks"]
 
 
-def _no_mask(attn_mask, is_causal, what: str) -> None:
+def _no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
-        raise ValueError(f"attn_mask: Prune-and-Merge {what} take no mask and no causal flag")
+        raise ValueError("attn_mask: Prune-and-Merge models take no mask and no causal flag")
 
 
-class PMAttention(Attention):
-    """timm ``Attention`` whose core is ``pm_kernels.attention`` (fused, and able to emit the SPEC §3 score).
+def _scripted_or_traced() -> bool:
+    """Under TorchScript or FX symbolic tracing the ops run as plain torch math (same result, no dispatch).
+
+    Not under torch.compile / torch.export, which trace the custom ops themselves.
+    """
+    if torch.jit.is_scripting():
+        return True
+    else:
+        return _fx_symbolic_tracing()
+
+
+@torch.jit.unused
+def _fx_symbolic_tracing() -> bool:
+    symbolic = getattr(_fx, "is_fx_symbolic_tracing", None)  # torch >= 2.12; older: the raw flag
+    if symbolic is not None:
+        return symbolic()
+    return _fx._get_is_fx_tracing() and not torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+class PMAttentionMixin:
+    """The core of a PM attention layer: ``pm_kernels.attention`` (fused, and able to emit the SPEC §3 score).
 
     ``score_accumulator``: when set to a float32 (N,) tensor, the backward pass adds Σ_{b,h,q} P ⊙ dP into it.
     ``backend``: auto | triton | torch (set by ``pm_kernels.set_backend``).
     """
 
-    backend: str = "auto"
-    score_accumulator: Optional[torch.Tensor] = None
-
     def init_pm(self) -> None:
-        """Instance state of a swapped-in attention (class attributes are only defaults)."""
-        self.backend = "auto"
-        self.score_accumulator = None
+        self.backend: str = "auto"
+        self.score_accumulator: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal, "attention layers")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
+        if _scripted_or_traced():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
         score = self.score_accumulator
         name = dispatch.select("attention", self.backend, q.device, q.dtype, head_dim=q.shape[-1],
                                features=attention_features(score, dropout_p), arg="q")
-        x = run_attention(q, k, v, float(self.scale), score, dropout_p, name)
+        return run_attention(q, k, v, float(self.scale), score, dropout_p, name)
+
+
+class PMAttention(PMAttentionMixin, Attention):
+    """timm ``Attention`` whose core is ``pm_kernels.attention``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         x = self.norm(x)
         if gate is not None:
@@ -61,95 +91,166 @@ class PMAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+# ------------------------------------------------------------------------------------------------- blocks
+
 class PMBlockMixin:
-    """SPEC §1 around a family's ``body``: the parameters M, R, the buffer keep_mask, and their installation."""
+    """SPEC §1 around a family's ``body``: M, R, keep_mask (or none: the identity), their installation."""
 
-    backend: str = "auto"
+    structure_keys = ("M", "R", "keep_mask")  # state-dict entries of a structure (a family may add its own)
 
-    def body(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every family defines it
-        raise NotImplementedError
+    def init_pm(self, num_prefix: int) -> None:
+        """State of a swapped-in block: the identity structure (no M, R, keep_mask)."""
+        self.backend: str = "auto"
+        self.num_prefix: int = num_prefix
+        self.register_parameter("M", None)
+        self.register_parameter("R", None)
+        self.register_buffer("keep_mask", None)
+
+    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError  # every family defines its math on K tokens
 
     @property
-    def num_tokens(self) -> int:
-        return self.keep_mask.numel()
+    def is_identity(self) -> bool:
+        return self.M is None
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal, "blocks")
-        check_tokens(x, self.num_tokens, self.M)
-        z = token_ops.run_merge(x, self.M, self.backend)
-        return token_ops.run_reconstruct(self.body(z), self.R, x, self.keep_mask, self.backend)
+    @property
+    def num_tokens(self) -> Optional[int]:
+        """N the structure is built for (None for the identity, which runs any N)."""
+        return None if self.keep_mask is None else self.keep_mask.numel()
 
-    def set_structure(self, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> None:
+    def num_kept(self, n_tokens: int) -> int:
+        """K: tokens the body runs on for an N-token input."""
+        return n_tokens if self.M is None else self.M.shape[0]
+
+    def pm_forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """merge → body → reconstruct (the body alone for the identity)."""
+        M, R, keep_mask = self.M, self.R, self.keep_mask
+        if M is None or R is None or keep_mask is None:
+            return self.body(x, rope)
+        if _scripted_or_traced():
+            z = torch.matmul(M.to(x.dtype), x)
+            return torch.matmul(R.to(x.dtype), self.body(z, rope)) + (~keep_mask).to(x.dtype).unsqueeze(-1) * x
+        check_tokens(x, keep_mask.numel(), M)
+        z = token_ops.run_merge(x, M, self.backend)
+        return token_ops.run_reconstruct(self.body(z, rope), R, x, keep_mask, self.backend)
+
+    # ---- installing a structure (the only places it changes, so the only places it is checked)
+
+    def set_structure(self, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor,
+                      n_tokens: Optional[int] = None) -> None:
         """Install M, R (trainable parameters, in the block's dtype/device) and keep_mask, after checking them.
 
-        The token count N (M's columns) must stay the block's own once it has a structure.
+        N (M's columns) must be the block's own token count when it has one, or ``n_tokens`` when given.
         """
-        n = self.num_tokens if hasattr(self, "keep_mask") else (M.shape[1] if M.dim() == 2 else -1)
+        n = n_tokens if n_tokens is not None else (self.num_tokens or (M.shape[-1] if M.dim() == 2 else -1))
         check_structure(M, R, keep_mask, n)
+        self._check_prefix_kept(keep_mask, "keep_mask")
         self._install(M, R, keep_mask)
 
-    def _install(self, M, R, keep_mask) -> None:
-        ref = self.norm1.weight if getattr(self.norm1, "weight", None) is not None else self.attn.qkv.weight
+    def set_identity(self) -> None:
+        """The identity structure: the dense block, no M, R, keep_mask."""
+        self.M = self.R = None
+        self.keep_mask = None
+
+    def _check_prefix_kept(self, keep_mask: torch.Tensor, name: str) -> None:
+        if keep_mask.device.type != "meta" and not bool(keep_mask[:self.num_prefix].all()):
+            raise ValueError(f"{name}: the {self.num_prefix} prefix tokens (CLS, distillation, registers) are "
+                             "never pruned; expected True there")
+
+    def _reference_tensor(self) -> torch.Tensor:
+        return next(p for p in self.parameters() if p is not self.M and p is not self.R)
+
+    def _install(self, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> None:
+        ref = self._reference_tensor()
         self.M = torch.nn.Parameter(M.detach().to(ref.device, ref.dtype).clone())
         self.R = torch.nn.Parameter(R.detach().to(ref.device, ref.dtype).clone())
-        self.register_buffer("keep_mask", keep_mask.detach().to(ref.device, torch.bool).clone())
+        self.keep_mask = keep_mask.detach().to(ref.device, torch.bool).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A PM checkpoint may carry another structure (other K): check it and take its shapes before loading.
-        # A dense timm checkpoint (no M/R/keep_mask at all) loads as the identity structure.
+        # A checkpoint brings its own structure (or none: the identity); check it before loading its values.
         keys = [prefix + name for name in ("M", "R", "keep_mask")]
         present = [k in state_dict for k in keys]
         if all(present):
             M, R, mask = (state_dict[k] for k in keys)
-            check_structure(M, R, mask, self.num_tokens, where=prefix)
-            if M.shape != self.M.shape or R.shape != self.R.shape:
+            n = self.num_tokens or (M.shape[-1] if M.dim() == 2 else -1)
+            check_structure(M, R, mask, n, where=prefix)
+            self._check_prefix_kept(mask, prefix + "keep_mask")
+            if _is_identity(M, R, mask):  # written by pm_kernels < 0.2, which stored the identity as I
+                dropped = {prefix + name for name in self.structure_keys}
+                state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+                self.set_identity()
+            elif self.M is None or M.shape != self.M.shape or R.shape != self.R.shape:
                 self._install(torch.empty_like(M), torch.empty_like(R), mask)
         elif any(present):
             missing = [k for k, p in zip(keys, present) if not p]
             raise ValueError(f"state_dict: {prefix}M, R and keep_mask come together (a PM structure), "
                              f"missing {', '.join(missing)}")
-        elif any(k.startswith(prefix) for k in state_dict):
-            eye = torch.eye(self.num_tokens, dtype=self.M.dtype)
-            state_dict = dict(state_dict)
-            state_dict.update(zip(keys, (eye, eye, torch.ones(self.num_tokens, dtype=torch.bool))))
+        elif self.M is not None and any(k.startswith(prefix) for k in state_dict):
+            self.set_identity()  # a dense checkpoint: the identity structure
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _is_identity(M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> bool:
+    if M.shape[0] != M.shape[1] or M.device.type == "meta":
+        return False
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return bool(keep_mask.all()) and torch.equal(M, eye) and torch.equal(R, eye.to(R.dtype))
 
 
 class PMBlock(PMBlockMixin, Block):
     """timm pre-norm ``Block`` computing the PM block of SPEC §1 with its own ``M``, ``R`` and ``keep_mask``."""
 
-    def body(self, z: torch.Tensor) -> torch.Tensor:
+    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         return vit_body(self, z)
 
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        return self.pm_forward(x)
+
+
+# ------------------------------------------------------------------------------------------- the chain
 
 class PMBlocks(torch.nn.Sequential):
     """``model.blocks`` of a PM model: the blocks with each boundary as one fused op.
 
     Block by block, SPEC §1 is merge → body → reconstruct; chained, the reconstruct of block l and the merge of
-    block l+1 become one ``reconstruct_merge`` (one pass over the N-token activations instead of two).
-    Same math, same state-dict keys; each block still works alone (``blocks[i](x)``). With
-    ``grad_checkpointing`` (``model.set_grad_checkpointing()``) each step (body + boundary) is checkpointed.
+    block l+1 become one ``reconstruct_merge`` (one pass over the N-token activations instead of two). Same
+    math, same state-dict keys; each block still works alone (``blocks[i](x)``). With ``grad_checkpointing``
+    (``model.set_grad_checkpointing()``) each step (body + boundary) is checkpointed.
     """
 
     grad_checkpointing: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         blocks = list(self)
-        check_tokens(x, blocks[0].num_tokens, blocks[0].M)
-        z = token_ops.run_merge(x, blocks[0].M, blocks[0].backend)
+        if _scripted_or_traced():
+            for blk in blocks:
+                x = blk.pm_forward(x, rope)
+            return x
+        for blk in blocks:
+            if blk.keep_mask is not None:
+                check_tokens(x, blk.keep_mask.numel(), blk.M)  # every compressed block shares N (installer)
+                break
+        z = _enter(blocks[0], x)
         for layer, blk in enumerate(blocks):
             after = blocks[layer + 1] if layer + 1 < len(blocks) else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x, z = checkpoint(_step, blk, after, x, z, use_reentrant=False)
+                x, z = checkpoint(_step, blk, after, x, z, rope, use_reentrant=False)
             else:
-                x, z = _step(blk, after, x, z)
+                x, z = _step(blk, after, x, z, rope)
         return x
 
 
-def _step(blk, after, x, z):
-    """Block ``blk``'s body on its K tokens, then the boundary to block ``after`` (or the exit)."""
-    z = blk.body(z)
-    if after is None:
-        return token_ops.run_reconstruct(z, blk.R, x, blk.keep_mask, blk.backend), None
-    return token_ops.run_reconstruct_merge(z, blk.R, x, blk.keep_mask, after.M, blk.backend)
+def _enter(blk, x: torch.Tensor) -> torch.Tensor:
+    return x if blk.M is None else token_ops.run_merge(x, blk.M, blk.backend)
+
+
+def _step(blk, after, x: torch.Tensor, z: torch.Tensor, rope: Optional[torch.Tensor]
+          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block ``blk``'s body on its K tokens z, then the boundary to block ``after`` (None: the exit)."""
+    z = blk.body(z, rope)
+    if blk.M is not None and after is not None and after.M is not None:
+        return token_ops.run_reconstruct_merge(z, blk.R, x, blk.keep_mask, after.M, blk.backend)
+    x = z if blk.M is None else token_ops.run_reconstruct(z, blk.R, x, blk.keep_mask, blk.backend)
+    return x, (None if after is None else _enter(after, x))

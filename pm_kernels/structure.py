@@ -1,7 +1,8 @@
 """Compression structure: which tokens each layer prunes, merges and keeps (SPEC §2, §4).
 
-Patch indices below are 0-based over the N−1 patches (CLS excluded), in raster order;
-column ``j + 1`` of M is patch ``j`` (column 0 is CLS).
+Tokens are P prefix tokens (CLS, distillation token, registers; P may be 0), then the patches in raster order.
+Patch indices below are 0-based over the patches; column ``P + j`` of M is patch ``j``. Prefix tokens are never
+pruned or merged: the first P rows of M and columns of R are the identity on them (SPEC §7).
 """
 import math
 from dataclasses import dataclass
@@ -17,14 +18,15 @@ __all__ = ["LayerStructure", "build_merge_matrix", "init_reconstruct", "search_s
 
 @dataclass
 class LayerStructure:
-    """One layer's structure: bool masks over the N−1 patches, and K (tokens kept, CLS included)."""
+    """One layer's structure: bool masks over the patches, and K (tokens kept, the P prefix tokens included)."""
 
     pruned: torch.Tensor
     centres: torch.Tensor
+    num_prefix: int = 1
 
     @property
     def keep(self) -> int:
-        return int(self.centres.sum()) + 1
+        return int(self.centres.sum()) + self.num_prefix
 
     @property
     def merged(self) -> torch.Tensor:
@@ -33,14 +35,14 @@ class LayerStructure:
 
     @property
     def keep_mask(self) -> torch.Tensor:
-        """Length-N mask of the block (CLS first): False where the token is pruned."""
-        return torch.cat([self.pruned.new_ones(1), ~self.pruned])
+        """Length-N mask of the block (prefix tokens first): False where the token is pruned."""
+        return torch.cat([self.pruned.new_ones(self.num_prefix), ~self.pruned])
 
 
-def identity_structure(num_patches: int) -> LayerStructure:
+def identity_structure(num_patches: int, num_prefix: int = 1) -> LayerStructure:
     """Every patch is a centre: M = I, R = I, keep_mask = 1."""
     return LayerStructure(pruned=torch.zeros(num_patches, dtype=torch.bool),
-                          centres=torch.ones(num_patches, dtype=torch.bool))
+                          centres=torch.ones(num_patches, dtype=torch.bool), num_prefix=num_prefix)
 
 
 def _check_grid(grid_size, num_patches: int) -> Tuple[int, int]:
@@ -49,7 +51,8 @@ def _check_grid(grid_size, num_patches: int) -> Tuple[int, int]:
         raise ValueError(f"grid_size: expected (h, w), two positive ints with h*w = {num_patches}, got {grid_size!r}")
     h, w = grid_size
     if h * w != num_patches:
-        raise ValueError(f"grid_size: expected h*w = N-1 = {num_patches}, got {tuple(grid_size)} (h*w = {h * w})")
+        raise ValueError(f"grid_size: expected h*w = num_patches = {num_patches}, got {tuple(grid_size)} "
+                         f"(h*w = {h * w})")
     return h, w
 
 
@@ -73,14 +76,16 @@ def _segments(centres: List[int], num_patches: int, width: int) -> List[Tuple[in
 
 
 def build_merge_matrix(scores: torch.Tensor, pruned: torch.Tensor, centres: torch.Tensor,
-                       grid_size: Sequence[int]) -> torch.Tensor:
+                       grid_size: Sequence[int], num_prefix: int = 1) -> torch.Tensor:
     """Merge matrix M (K × N) of SPEC §2 from per-patch scores and the pruned / centre masks.
 
-    Row 0 is e_0 (CLS kept as is). Row i ≥ 1 holds, over centre c_i's raster segment,
-    M[i, j+1] = s_j / s_{c_i} (1 at the centre); pruned patches get 0. Rows are not normalised.
+    Rows 0..P−1 are e_0..e_{P−1} (prefix tokens kept as they are; P = ``num_prefix``, 1 for a CLS token).
+    Row P + i holds, over centre c_i's raster segment, M[P+i, P+j] = s_j / s_{c_i} (1 at the centre); pruned
+    patches get 0. Rows are not normalised.
     """
     check_tensor("scores", scores, ndim=1, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                 what="a float tensor of shape (N-1,)")
+                 what="a float tensor of shape (num_patches,)")
+    num_prefix = _check_num_prefix(num_prefix)
     n_patches = scores.shape[0]
     check_tensor("pruned", pruned, ndim=1, dtypes=(torch.bool,), shape=(n_patches,),
                  what=f"a bool tensor of shape ({n_patches},) like scores")
@@ -99,14 +104,17 @@ def build_merge_matrix(scores: torch.Tensor, pruned: torch.Tensor, centres: torc
     if centre_idx and bool((s[centre_idx] <= 0).any()):
         raise ValueError("scores: every centre needs a positive score (merge weights are s_j / s_centre)")
 
-    M = torch.zeros(len(centre_idx) + 1, n_patches + 1, dtype=torch.float64)
-    M[0, 0] = 1.0
+    if not centre_idx and num_prefix == 0:
+        raise ValueError("centres: a model without prefix tokens needs at least one centre per layer (K >= 1)")
+    P = num_prefix
+    M = torch.zeros(len(centre_idx) + P, n_patches + P, dtype=torch.float64)
+    M[:P, :P] = torch.eye(P, dtype=torch.float64)
     keep = (~pruned).cpu()
-    for row, (c, (start, end)) in enumerate(zip(centre_idx, _segments(centre_idx, n_patches, width)), start=1):
+    for row, (c, (start, end)) in enumerate(zip(centre_idx, _segments(centre_idx, n_patches, width)), start=P):
         cols = torch.arange(start, end)
         cols = cols[keep[start:end]]
-        M[row, cols + 1] = s[cols] / s[c]
-        M[row, c + 1] = 1.0
+        M[row, cols + P] = s[cols] / s[c]
+        M[row, c + P] = 1.0
     return M.to(dtype=scores.dtype if scores.is_floating_point() else torch.float32, device=scores.device)
 
 
@@ -119,27 +127,39 @@ def init_reconstruct(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(M.detach().double()).to(M.dtype)
 
 
-def structure_matrices(structure: Sequence[LayerStructure], scores: torch.Tensor,
-                       grid_size: Optional[Sequence[int]], default_grid: Sequence[int]
-                       ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(M, R, keep_mask) per layer: M from the layer's scores (SPEC §2), R = pinv(M), keep_mask."""
-    grid = tuple(default_grid) if grid_size is None else grid_size
+def structure_matrices(structure: Sequence[LayerStructure], scores: torch.Tensor, grid_size: Sequence[int]
+                       ) -> List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """(M, R, keep_mask) per layer: M from the layer's scores (SPEC §2), R = pinv(M); None for a layer whose
+    structure is the identity (every patch its own centre: nothing to merge, nothing to build)."""
     matrices = []
     for layer, st in enumerate(structure):
-        M = build_merge_matrix(scores[layer].float(), st.pruned.cpu(), st.centres.cpu(), grid)
+        if bool(st.centres.all()):
+            matrices.append(None)
+            continue
+        M = build_merge_matrix(scores[layer].float(), st.pruned.cpu(), st.centres.cpu(), grid_size, st.num_prefix)
         matrices.append((M, init_reconstruct(M), st.keep_mask.cpu()))
     return matrices
 
 
-def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: float = 0.1,
-                     depth_discount: float = 0.025) -> List[LayerStructure]:
-    """Per-layer structure from the calibration scores (L, N−1), by global thresholds (SPEC §4).
+def _check_num_prefix(num_prefix) -> int:
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
+        raise ValueError(f"num_prefix: expected an int >= 0 (prefix tokens: CLS, distillation, registers), "
+                         f"got {num_prefix!r}")
+    return num_prefix
 
-    Ŝ_l = (1 − depth_discount·l) · S_l / ‖S_l‖₂; τ_p is the ascending value at index int((N−1)·prune_rate)·L,
-    τ_k the int((N−1)·keep_rate)·L-th largest value. Ŝ < τ_p → pruned; Ŝ ≥ τ_k → centre; else merged.
+
+def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: float = 0.1,
+                     depth_discount: float = 0.025, num_prefix: int = 1) -> List[LayerStructure]:
+    """Per-layer structure from the calibration scores (L, num_patches), by global thresholds (SPEC §4).
+
+    ``num_prefix``: the model's prefix tokens (never pruned or merged; 0 for a model without a CLS token).
+
+    Ŝ_l = (1 − depth_discount·l) · S_l / ‖S_l‖₂; τ_p is the ascending value at index int(num_patches·prune_rate)·L,
+    τ_k the int(num_patches·keep_rate)·L-th largest value. Ŝ < τ_p → pruned; Ŝ ≥ τ_k → centre; else merged.
     """
     check_tensor("scores", scores, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                 what="shape (L, N-1): one score per layer and patch")
+                 what="shape (L, num_patches): one score per layer and patch")
+    num_prefix = _check_num_prefix(num_prefix)
     keep_rate = check_rate("keep_rate", keep_rate)
     prune_rate = check_rate("prune_rate", prune_rate, low_open=False)
     if prune_rate + keep_rate > 1.0 + 1e-9:
@@ -148,7 +168,7 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: f
         raise ValueError(f"depth_discount: expected a float >= 0, got {depth_discount!r}")
     n_layers, n_patches = scores.shape
     if n_layers == 0 or n_patches == 0:
-        raise ValueError(f"scores: expected shape (L, N-1) with L, N-1 > 0, got {tuple(scores.shape)}")
+        raise ValueError(f"scores: expected shape (L, num_patches) with L, num_patches > 0, got {tuple(scores.shape)}")
     if depth_discount * (n_layers - 1) >= 1:
         raise ValueError(f"depth_discount: {depth_discount} × (L-1) = {depth_discount * (n_layers - 1)} "
                          "would zero or flip the deepest layers' scores; expected < 1")
@@ -171,9 +191,14 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: f
     for layer in range(n_layers):
         pruned = s_hat[layer] < tau_p
         centres = (s_hat[layer] >= tau_k) & ~pruned
-        if not bool(centres.any()) and not bool(pruned.all()):
+        if not bool(centres.any()) and (num_prefix == 0 or not bool(pruned.all())):
             # Not in the SPEC: a layer below τ_k everywhere would have merged tokens and no centre to merge
-            # them into (tiny grids, steep depth discount); its best unpruned patch becomes the centre.
-            centres[torch.where(pruned, -math.inf, s_hat[layer]).argmax()] = True
-        structures.append(LayerStructure(pruned=pruned.to(scores.device), centres=centres.to(scores.device)))
+            # them into (tiny grids, steep depth discount), or, without prefix tokens, no token at all (K = 0):
+            # its best unpruned patch (its best patch if all are pruned) becomes the centre.
+            best = torch.where(pruned, -math.inf, s_hat[layer]).argmax() if not bool(pruned.all()) \
+                else s_hat[layer].argmax()
+            pruned[best] = False
+            centres[best] = True
+        structures.append(LayerStructure(pruned=pruned.to(scores.device), centres=centres.to(scores.device),
+                                         num_prefix=num_prefix))
     return structures
