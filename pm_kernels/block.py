@@ -5,23 +5,28 @@
     z = z + Attn(LN1(z)); z = z + MLP(LN2(z))      the block's own body, on K tokens
     out = R z + shortcut                    all N tokens back (reconstruct)
 
-``vit_body`` is the pre-norm body of a timm ``Block``; ``pm_kernels.layers`` gives every PM block class a
-``body`` and runs merge → body → reconstruct (one block) or the chained form with fused boundaries
-(``PMBlocks``); ``optimize`` runs the same ``body`` between folded boundaries.
+``ViTBody.body`` is the pre-norm body of a timm ``Block`` (EVA's lives in ``pm_kernels.eva``); every PM block
+class has a ``body``, and ``pm_kernels.layers`` runs merge → body → reconstruct (one block) or the chained form
+with fused boundaries (``PMBlocks``); ``optimize`` runs the same ``body`` between folded boundaries.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from . import token_ops
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
-__all__ = ["fused_block", "vit_body", "check_structure", "check_tokens"]
+__all__ = ["fused_block", "ViTBody", "check_structure", "check_tokens"]
 
 
-def vit_body(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The ordinary pre-norm ViT block (timm ``Block``) on the K merged tokens."""
-    z = z + block.drop_path1(block.ls1(block.attn(block.norm1(z))))
-    return z + block.drop_path2(block.ls2(block.mlp(block.norm2(z))))
+class ViTBody:
+    """The ordinary pre-norm ViT block (timm ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2)
+    on the K merged tokens; a method, so TorchScript compiles it with the block."""
+
+    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = z + self.drop_path1(self.ls1(self.attn(self.norm1(z))))
+        return z + self.drop_path2(self.ls2(self.mlp(self.norm2(z))))
 
 
 def check_structure(M, R, keep_mask, n_tokens: int, where: str = "", values: bool = True) -> None:
@@ -62,5 +67,5 @@ def fused_block(x: torch.Tensor, block: nn.Module, M: torch.Tensor, R: torch.Ten
     check_structure(M, R, keep_mask, x.shape[1], values=False)
     check_same_device(x=x, M=M)
     z = token_ops.run_merge(x, M, backend)
-    z = block.body(z) if hasattr(block, "body") else vit_body(block, z)
+    z = block.body(z) if hasattr(block, "body") else ViTBody.body(block, z)
     return token_ops.run_reconstruct(z, R, x, keep_mask, backend)

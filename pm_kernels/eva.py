@@ -13,6 +13,8 @@ from timm.models.eva import EvaAttention, EvaBlock
 
 from .layers import PMAttentionMixin, PMBlockMixin, _no_mask
 
+torch.fx.wrap("_no_mask")  # FX records the mask check as a call (see pm_kernels.layers)
+
 __all__ = ["PMEvaAttention", "PMEvaBlock"]
 
 
@@ -59,8 +61,9 @@ class PMEvaBlock(PMBlockMixin, EvaBlock):
         self.register_buffer("centre_index", None)
 
     def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if rope is not None and self.centre_index is not None:
-            rope = rope.index_select(-2, self.centre_index)
+        centre_index = self.centre_index
+        if rope is not None and centre_index is not None:
+            rope = rope.index_select(-2, centre_index)
         x_attn = self.attn(self.norm1(z), rope=rope)
         if self.gamma_1 is not None:
             x_attn = self.gamma_1 * x_attn

@@ -7,7 +7,8 @@ product by I, any token count. ``PMBlocks`` (a model's ``blocks``) runs the bloc
 two compressed blocks fused into one ``reconstruct_merge``. The structure is validated when it changes
 (``set_structure``, checkpoint load); a forward checks only its input x.
 
-TorchScript and FX symbolic tracing see the reference math in standard ops (``_scripted_or_traced``).
+TorchScript (``torch.jit.script``) and FX symbolic tracing see the same math in standard ops (SDPA, matmuls),
+not the dispatch; torch.compile and torch.export trace the custom ops themselves.
 """
 from typing import Optional, Tuple
 
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import dispatch, token_ops
 from .attention import attention_features, run_attention
-from .block import check_structure, check_tokens, vit_body
+from .block import ViTBody, check_structure, check_tokens
 
 __all__ = ["PMAttention", "PMBlock", "PMBlockMixin", "PMBlocks"]
 
@@ -30,19 +31,19 @@ def _no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
         raise ValueError("attn_mask: Prune-and-Merge models take no mask and no causal flag")
 
 
-def _scripted_or_traced() -> bool:
-    """Under TorchScript or FX symbolic tracing the ops run as plain torch math (same result, no dispatch).
-
-    Not under torch.compile / torch.export, which trace the custom ops themselves.
-    """
-    if torch.jit.is_scripting():
-        return True
-    else:
-        return _fx_symbolic_tracing()
+torch.fx.wrap("_no_mask")  # FX records the check as a call: a traced module still refuses a mask when it runs
 
 
-@torch.jit.unused
+def _merge_plain(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(M.to(x.dtype), x)
+
+
+def _reconstruct_plain(R: torch.Tensor, z: torch.Tensor, keep_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(R.to(x.dtype), z) + (~keep_mask).to(x.dtype).unsqueeze(-1) * x
+
+
 def _fx_symbolic_tracing() -> bool:
+    """True under FX symbolic tracing (torch.fx, torchvision feature extraction), not under torch.compile/export."""
     symbolic = getattr(_fx, "is_fx_symbolic_tracing", None)  # torch >= 2.12; older: the raw flag
     if symbolic is not None:
         return symbolic()
@@ -64,7 +65,14 @@ class PMAttentionMixin:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if _scripted_or_traced():
+        if torch.jit.is_scripting():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        else:
+            return self._attend_dispatched(q, k, v, dropout_p)
+
+    @torch.jit.unused
+    def _attend_dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        if _fx_symbolic_tracing():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
         score = self.score_accumulator
         name = dispatch.select("attention", self.backend, q.device, q.dtype, head_dim=q.shape[-1],
@@ -106,9 +114,6 @@ class PMBlockMixin:
         self.register_parameter("R", None)
         self.register_buffer("keep_mask", None)
 
-    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        raise NotImplementedError  # every family defines its math on K tokens
-
     @property
     def is_identity(self) -> bool:
         return self.M is None
@@ -122,14 +127,27 @@ class PMBlockMixin:
         """K: tokens the body runs on for an N-token input."""
         return n_tokens if self.M is None else self.M.shape[0]
 
+    @property
+    def num_pruned(self) -> int:
+        return 0 if self.keep_mask is None else int((~self.keep_mask).sum())
+
     def pm_forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         """merge → body → reconstruct (the body alone for the identity)."""
         M, R, keep_mask = self.M, self.R, self.keep_mask
-        if M is None or R is None or keep_mask is None:
-            return self.body(x, rope)
-        if _scripted_or_traced():
-            z = torch.matmul(M.to(x.dtype), x)
-            return torch.matmul(R.to(x.dtype), self.body(z, rope)) + (~keep_mask).to(x.dtype).unsqueeze(-1) * x
+        if M is not None:
+            if R is not None:
+                if keep_mask is not None:
+                    if torch.jit.is_scripting():
+                        return _reconstruct_plain(R, self.body(_merge_plain(M, x), rope), keep_mask, x)
+                    else:
+                        return self._pm_forward_dispatched(x, M, R, keep_mask, rope)
+        return self.body(x, rope)
+
+    @torch.jit.unused
+    def _pm_forward_dispatched(self, x: torch.Tensor, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor,
+                               rope: Optional[torch.Tensor]) -> torch.Tensor:
+        if _fx_symbolic_tracing():
+            return _reconstruct_plain(R, self.body(_merge_plain(M, x), rope), keep_mask, x)
         check_tokens(x, keep_mask.numel(), M)
         z = token_ops.run_merge(x, M, self.backend)
         return token_ops.run_reconstruct(self.body(z, rope), R, x, keep_mask, self.backend)
@@ -197,11 +215,8 @@ def _is_identity(M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> b
     return bool(keep_mask.all()) and torch.equal(M, eye) and torch.equal(R, eye.to(R.dtype))
 
 
-class PMBlock(PMBlockMixin, Block):
+class PMBlock(PMBlockMixin, ViTBody, Block):
     """timm pre-norm ``Block`` computing the PM block of SPEC §1 with its own ``M``, ``R`` and ``keep_mask``."""
-
-    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return vit_body(self, z)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -223,8 +238,17 @@ class PMBlocks(torch.nn.Sequential):
     grad_checkpointing: bool = False
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            for blk in self:
+                x = blk.pm_forward(x, rope)
+            return x
+        else:
+            return self._chain(x, rope)
+
+    @torch.jit.unused
+    def _chain(self, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
         blocks = list(self)
-        if _scripted_or_traced():
+        if _fx_symbolic_tracing():
             for blk in blocks:
                 x = blk.pm_forward(x, rope)
             return x

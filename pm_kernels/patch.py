@@ -21,8 +21,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from .dispatch import model_backend
 from .eva import PMEvaAttention, PMEvaBlock
-from .layers import PMAttention, PMBlock, PMBlockMixin, PMBlocks, _no_mask, _scripted_or_traced
+from .layers import PMAttention, PMBlock, PMBlockMixin, PMBlocks, _fx_symbolic_tracing, _no_mask
 from .structure import LayerStructure, search_structure, structure_matrices
+
+torch.fx.wrap("_no_mask")  # FX records the mask check as a call (see pm_kernels.layers)
 
 __all__ = ["PMVisionTransformer", "PMVisionTransformerDistilled", "PMEva", "patch_timm", "install_structure", "is_patched", "num_tokens",
            "set_backend", "FAMILIES"]
@@ -38,8 +40,13 @@ class PMModelMixin:
         self.blocks.grad_checkpointing = enable  # checkpointed inside the chain: the fused boundaries survive
 
     def _check_grid(self, x: torch.Tensor) -> None:
+        if not torch.jit.is_scripting():
+            self._check_grid_eager(x)
+
+    @torch.jit.unused
+    def _check_grid_eager(self, x: torch.Tensor) -> None:
         """x: patch embeddings. A compressed structure runs only on the grid it was built for."""
-        if _scripted_or_traced():
+        if _fx_symbolic_tracing():
             return
         want = self.structure_grid()
         if want is None:

@@ -58,13 +58,13 @@ def main():
     scores = pm_kernels.calibrate(pm, batches)
     pm_kernels.compress(pm, scores, keep_rate=args.keep_rate, prune_rate=args.prune_rate)
 
-    n = pm.blocks[0].keep_mask.numel()
+    n = pm.num_prefix_tokens + pm.patch_embed.num_patches
     print(f"{args.model}: N = {n} tokens, keep_rate = {args.keep_rate}, prune_rate = {args.prune_rate}")
     print("layer  kept K  pruned  merged")
     for layer, blk in enumerate(pm.blocks):
-        pruned = int((~blk.keep_mask).sum())
-        print(f"{layer:5d}  {blk.M.shape[0]:6d}  {pruned:6d}  {n - blk.M.shape[0] - pruned:6d}")
-    mean_k = sum(b.M.shape[0] for b in pm.blocks) / len(pm.blocks)
+        k, pruned = blk.num_kept(n), blk.num_pruned
+        print(f"{layer:5d}  {k:6d}  {pruned:6d}  {n - k - pruned:6d}")
+    mean_k = sum(b.num_kept(n) for b in pm.blocks) / len(pm.blocks)
     print(f"mean K = {mean_k:.1f} ({mean_k / n:.3f} of N)")
 
     device_name = torch.cuda.get_device_name() if images.is_cuda else "CPU"

@@ -31,11 +31,10 @@ def test_identity_structure_equals_timm(name):
         out = pm_kernels.patch_timm(model)(x)
     assert pm_kernels.is_patched(model)
     assert (out - expected).abs().max().item() <= 1e-5
+    # The identity structure is the dense block: no M, R, keep_mask (no product by I), timm's state-dict keys.
     blk = model.blocks[0]
-    assert isinstance(blk.M, torch.nn.Parameter) and blk.M.shape == (197, 197)
-    assert isinstance(blk.R, torch.nn.Parameter) and blk.R.shape == (197, 197)
-    assert blk.keep_mask.shape == (197,) and bool(blk.keep_mask.all())
-    assert "blocks.0.keep_mask" in dict(model.named_buffers())
+    assert blk.is_identity and blk.M is None and blk.R is None and blk.keep_mask is None
+    assert not any(k.rsplit(".", 1)[-1] in ("M", "R", "keep_mask") for k in model.state_dict())
 
 
 def _block_and_inputs(dtype=torch.float32, n=9, k=5, c=16, seed=0):
@@ -195,15 +194,21 @@ def test_forced_backends_agree():
 # ---------------------------------------------------------------- bad input
 
 
-def test_patch_rejects_non_vit():
-    with pytest.raises(TypeError, match="model"):
+def test_patch_rejects_unsupported_models():
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import ParallelThingsBlock
+    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, Eva"):
         pm_kernels.patch_timm(torch.nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="distill"):
-        pm_kernels.patch_timm(timm.create_model("deit_tiny_distilled_patch16_224", img_size=32))
-    with pytest.raises(ValueError, match="prefix token"):
-        pm_kernels.patch_timm(tiny_vit(reg_tokens=2))
-    with pytest.raises(ValueError, match="prefix token"):
-        pm_kernels.patch_timm(tiny_vit(class_token=False, global_pool="avg"))
+    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, Eva"):
+        pm_kernels.patch_timm(timm.create_model("resnet18"))
+    with pytest.raises(TypeError, match=r"model.blocks\[0\]: Prune-and-Merge supports Block with Attention"):
+        pm_kernels.patch_timm(tiny_vit(block_fn=ParallelThingsBlock))
+    eva = dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, use_rot_pos_emb=True)
+    with pytest.raises(ValueError, match="rotary embedding .*mixed"):
+        pm_kernels.patch_timm(Eva(**eva, rope_type="mixed"))
+    with pytest.raises(TypeError, match=r"model.blocks\[0\]: .*got EvaBlockPostNorm"):
+        pm_kernels.patch_timm(Eva(**eva, use_post_norm=True))
+    assert not pm_kernels.is_patched(tiny_vit(block_fn=ParallelThingsBlock))  # a refused model is left as it was
 
 
 def test_patch_rejects_bad_scores_and_structure():
@@ -249,7 +254,7 @@ def test_calibrate_rejects_wrong_models_and_batches():
         pm_kernels.calibrate(dense, [])
     with pytest.raises(TypeError, match="batches"):
         pm_kernels.calibrate(dense, [torch.randn(2, 3, 16, 16)])
-    with torch.no_grad():
-        dense.blocks[1].M.add_(1e-2)  # trained away from the identity
-    with pytest.raises(ValueError, match="identity"):
-        pm_kernels.calibrate(dense, [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))])
+    batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="same image size"):
+        pm_kernels.calibrate(pm_kernels.patch_timm(tiny_vit(dynamic_img_size=True)),
+                             [batch, (torch.randn(2, 3, 24, 24), torch.tensor([0, 1]))])

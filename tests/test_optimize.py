@@ -29,7 +29,8 @@ def test_optimized_equals_model(global_pool):
     n = model.blocks[0].keep_mask.numel()
     widths = [fast.get_buffer(f"W{i}").shape[1] for i in range(1, len(model.blocks) + 1)]
     assert all(w < n for w in widths)
-    assert fast.get_buffer(f"W{len(model.blocks)}").shape[0] == (1 if global_pool == "token" else n)
+    assert fast.get_buffer(f"W{len(model.blocks)}").shape[0] == n and fast.W_exit_prefix.shape[0] == 1
+    assert fast._head_reads_prefix_only() == (global_pool == "token")
 
 
 def test_optimized_identity_model_equals_dense():

@@ -142,6 +142,8 @@ def test_distillation_loss_formula():
 
 def test_param_groups_and_authors_quirk():
     model = build_model("digits_vit", dict(depth=2))
+    import pm_kernels
+    pm_kernels.compress(model, torch.rand(2, model.patch_embed.num_patches) + 0.1)  # M and R exist once compressed
     groups = param_groups(model, 1e-4, 1e-3)
     decay_ids = {id(p) for p in groups[0]["params"]}
     assert id(model.blocks[0].M) in decay_ids and id(model.blocks[0].R) in decay_ids

@@ -93,7 +93,7 @@ def _run_training(args, device, distill: bool) -> None:
         if info["rank"] == 0:
             test_loader = make_loader(data.test, args.batch_size, train=False)
             top1 = accuracy(model, test_loader, device, progress=not args.quiet)
-            compressed = any(blk.M.shape[0] != blk.M.shape[1] for blk in model.blocks)
+            compressed = any(not blk.is_identity for blk in model.blocks)
             stage = "finetuned" if (distill or compressed) else "dense"
             save_checkpoint(model, args.out, dict(meta, stage=stage, data=args.data, train=hist))
             save_json({"command": args.command, "args": _args_dict(args), "top1": top1, "train_s": elapsed,
@@ -118,8 +118,7 @@ def cmd_calibrate(args, device) -> None:
 
     from ..calibrate import calibrate
     model, meta = _load(args, args.checkpoint)
-    n = model.patch_embed.num_patches + 1
-    if any(blk.M.shape[0] != n for blk in model.blocks):
+    if any(not blk.is_identity for blk in model.blocks):
         raise PipelineError(f"checkpoint {args.checkpoint}: is compressed; calibrate the dense model")
     data = _data_for(args, model)
     model.to(device)
@@ -151,17 +150,17 @@ def cmd_compress(args, device) -> None:
         raise PipelineError(f"scores {args.scores}: shape {tuple(scores.shape)} is for a model with "
                             f"{scores.shape[0]} blocks and {scores.shape[1]} patches; this model has "
                             f"{expected[0]} blocks and {expected[1]} patches")
-    n = expected[1] + 1
-    if any(blk.M.shape[0] != n for blk in model.blocks):
+    n = expected[1] + model.num_prefix_tokens
+    if any(not blk.is_identity for blk in model.blocks):
         raise PipelineError(f"checkpoint {args.checkpoint}: is already compressed; compress the dense model")
     try:
         compress(model, scores, keep_rate=args.keep_rate, prune_rate=args.prune_rate)
     except (TypeError, ValueError) as err:
         raise PipelineError(f"compress: {str(err).splitlines()[0]}") from None
-    ks = [int(blk.M.shape[0]) for blk in model.blocks]
+    ks = [blk.num_kept(n) for blk in model.blocks]
     save_checkpoint(model, args.out, dict(meta, stage="compressed", keep_rate=args.keep_rate,
                                           prune_rate=args.prune_rate, scores=args.scores, K=ks))
-    pruned = [int((~blk.keep_mask).sum()) for blk in model.blocks]
+    pruned = [blk.num_pruned for blk in model.blocks]
     save_json({"command": "compress", "args": _args_dict(args), "K": ks, "N": n, "pruned": pruned,
                "mean_keep": sum(ks) / (len(ks) * n)}, _json_path(args.out))
     _log(args, f"K per block {ks} of N={n} (mean {sum(ks) / (len(ks) * n):.3f}); pruned {pruned}; wrote {args.out}")

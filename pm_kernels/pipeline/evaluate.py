@@ -73,7 +73,7 @@ def throughput(model: nn.Module, input_shape: Sequence[int], batch_size: int = 6
 
 def mean_keep(model: nn.Module) -> float:
     """Mean fraction of tokens the blocks attend over (K / N), 1.0 for the dense model."""
-    fracs = [blk.M.shape[0] / blk.M.shape[1] for blk in model.blocks]
+    fracs = [1.0 if blk.is_identity else blk.M.shape[0] / blk.M.shape[1] for blk in model.blocks]
     return sum(fracs) / len(fracs)
 
 

@@ -3,7 +3,7 @@
 For each block: every kept centre in its own colour (with a white dot), each merged patch in the colour of the
 centre it is folded into (the argmax over the rows of its column of M), pruned patches in black.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -12,11 +12,17 @@ from .io import atomic_write
 __all__ = ["layer_assignment", "render_structure"]
 
 
-def layer_assignment(M: torch.Tensor, keep_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per patch (N−1, raster order): ``owner`` (row of M it merges into, −1 if pruned) and ``is_centre``."""
+def layer_assignment(M: Optional[torch.Tensor], keep_mask: Optional[torch.Tensor], num_prefix: int = 1,
+                     num_patches: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Per patch (raster order): ``owner`` (row of M it merges into, −1 if pruned) and ``is_centre``.
+
+    M None is the identity structure (every patch its own centre; give ``num_patches``).
+    """
+    if M is None:
+        return {"owner": torch.arange(num_patches), "is_centre": torch.ones(num_patches, dtype=torch.bool)}
     M = M.detach().float().cpu()
-    keep = keep_mask.detach().cpu().bool()[1:]
-    cols = M[1:, 1:].abs()                                  # (K−1) × (N−1): patch columns, CLS row/col dropped
+    keep = keep_mask.detach().cpu().bool()[num_prefix:]
+    cols = M[num_prefix:, num_prefix:].abs()                # patch rows × patch columns, prefix tokens dropped
     n_patches = cols.shape[1]
     owner = torch.full((n_patches,), -1, dtype=torch.long)
     is_centre = torch.zeros(n_patches, dtype=torch.bool)
@@ -70,8 +76,9 @@ def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float
     for layer, blk in enumerate(blocks, start=1):
         ax = axes.flat[layer]
         show(ax)
-        a = layer_assignment(blk.M, blk.keep_mask)
-        colours = _colour_table(int(blk.M.shape[0]))
+        a = layer_assignment(blk.M, blk.keep_mask, model.num_prefix_tokens, h * w)
+        k = blk.num_kept(model.num_prefix_tokens + h * w)
+        colours = _colour_table(k + 1)
         overlay = torch.zeros(h, w, 4)
         owner, centre = a["owner"].view(h, w), a["is_centre"].view(h, w)
         for r in range(h):
@@ -85,7 +92,7 @@ def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float
         ax.scatter((centres % w).float().add(0.5).mul(pw).numpy(), (centres // w).float().add(0.5).mul(ph).numpy(),
                    s=6, c="white", edgecolors="black", linewidths=0.3)
         n_pruned = int((a["owner"] < 0).sum())
-        ax.set_title(f"block {layer - 1}: K={blk.M.shape[0]}, pruned {n_pruned}", fontsize=7)
+        ax.set_title(f"block {layer - 1}: K={k}, pruned {n_pruned}", fontsize=7)
     fig.suptitle(title or "Prune-and-Merge structure: centres (dots), merged (centre's colour), pruned (black)",
                  fontsize=8)
     fig.tight_layout()
