@@ -20,7 +20,7 @@ from .structure import LayerStructure, build_merge_matrix, init_reconstruct, sea
 from .optimize import OptimizedPM, optimize
 from .token_ops import merge, reconstruct, reconstruct_merge
 
-__version__ = "0.1.0"
+from ._version import __version__  # set there only: pyproject.toml reads the same line
 
 # The dispatch module was ``pm_kernels.backends`` until 0.1, a name the function ``backends()`` shadows.
 # ``import pm_kernels.backends`` / ``from pm_kernels.backends import ...`` keep working for one release.
