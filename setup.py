@@ -92,7 +92,8 @@ def _error_line(err, output="", limit=300):
 
 def _missing_sources(sources):
     """The first source or quoted #include of ``sources`` that does not exist, as a message; None if complete.
-    Checked before compiling so an incomplete source tree (an sdist without a header) says which file."""
+    Checked before compiling so an incomplete source tree (an sdist without a header) says which file; quoted
+    includes are the project's own (csrc/ includes everything else with <>)."""
     seen, todo = set(), [(s, None) for s in sources]
     while todo:
         path, included_by = todo.pop(0)

@@ -66,10 +66,13 @@ def check_sdist(path):
     check("License-Expression: Apache-2.0" in pkg_info, "sdist metadata names the license")
     needed = BUILD_FILES + [f for f in _tracked("csrc", "pm_kernels", "tests") if not f.endswith(".so")]
     missing = [f for f in needed if f not in members]
-    check(not missing, f"sdist carries csrc/, the package, tests and the build files"
-                       f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}")
+    check(not missing, "sdist carries csrc/, the package, tests and the build files" + _listed("missing", missing))
     unwanted = sorted(m for m in members if any(fnmatch.fnmatch(m, p) for p in FORBIDDEN))
-    check(not unwanted, f"sdist has no build products or local state{' (has: ' + ', '.join(unwanted) + ')' if unwanted else ''}")
+    check(not unwanted, "sdist has no build products or local state" + _listed("has", unwanted))
+
+
+def _listed(what, names):
+    return f" ({what}: {', '.join(names)})" if names else ""
 
 
 def _under(path, prefix):
@@ -93,7 +96,8 @@ def check_installed(prefix, kernels):
     check(not editable, f"no editable-install finder is loaded {editable or ''}")
     dist = importlib.metadata.distribution("pm_kernels")
     dist_file = os.path.realpath(str(dist.locate_file("pm_kernels/__init__.py")))
-    check(dist_file == os.path.realpath(pm_kernels.__file__), f"the metadata found is the installed wheel's ({dist_file})")
+    check(dist_file == os.path.realpath(pm_kernels.__file__),
+          f"the metadata found is the installed wheel's ({dist_file})")
     check(dist.version == pm_kernels.__version__,
           f"metadata version {dist.version} == pm_kernels.__version__ {pm_kernels.__version__}")
 
@@ -114,8 +118,9 @@ def check_installed(prefix, kernels):
     script = os.path.join(prefix, "bin", "pm-kernels")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([script, "--help"], capture_output=True, text=True, env=env, cwd=prefix)
+    error = run.stderr.strip()[-500:] if run.returncode else ""
     check(run.returncode == 0 and "usage" in run.stdout.lower(),
-          f"`pm-kernels --help` runs (status {run.returncode}){' ' + run.stderr.strip()[-500:] if run.returncode else ''}")
+          f"`pm-kernels --help` runs (status {run.returncode}) {error}")
 
 
 def main():
