@@ -9,11 +9,11 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: setup test test-triton-compat demo quickstart bench clean
+.PHONY: setup test test-triton-compat dist check-dist demo quickstart bench clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*)
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -45,6 +45,17 @@ test-triton-compat: $(COMPAT_STAMP)
 	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest $(TRITON_TESTS) -q -p no:cacheprovider \
 	    -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
+# Release artefacts: the sdist, then a wheel built from the unpacked sdist, against .venv's torch (build isolation
+# off: an isolated build would install another torch). PM_KERNELS_REQUIRE_EXT=1: no wheel without pm_kernels._C.
+dist: $(STAMP)
+	rm -rf dist *.egg-info   # setuptools adds the files of a stale egg-info's SOURCES.txt: a clean file list
+	PM_KERNELS_REQUIRE_EXT=1 $(PY) -m build --no-isolation --outdir dist .
+
+# The sdist's file list; the wheel (and a CPU-only wheel from the same sdist) installed into a fresh venv that
+# has .venv's pinned torch but not this checkout: pm_kernels._C loads, `pm-kernels --help` runs (.ci/check_dist.sh).
+check-dist: dist
+	PY=$(PY) .ci/check_dist.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/pm-kernels demo
 
@@ -55,4 +66,4 @@ bench: $(STAMP)
 	$(PY) -m pytest bench -q --benchmark-only
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info pm_kernels/_C*.so
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-dist build dist *.egg-info pm_kernels/_C*.so pm_kernels/_build_info.json

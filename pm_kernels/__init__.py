@@ -21,7 +21,10 @@ from .structure import LayerStructure, build_merge_matrix, init_reconstruct, sea
 from .optimize import OptimizedPM, optimize
 from .token_ops import merge, reconstruct, reconstruct_merge
 
-__version__ = "0.1.0"
+from ._version import __version__  # set there only: pyproject.toml reads the same line
+from ._build_info import warn_if_build_failed as _warn_if_build_failed
+
+_warn_if_build_failed()  # one warning when setup.py recorded that building pm_kernels._C failed
 
 # The dispatch module was ``pm_kernels.backends`` until 0.1, a name the function ``backends()`` shadows.
 # ``import pm_kernels.backends`` / ``from pm_kernels.backends import ...`` keep working for one release.

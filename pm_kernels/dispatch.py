@@ -86,8 +86,8 @@ def _probe_extension() -> Tuple[bool, str]:
     try:
         importlib.import_module("pm_kernels._C")
     except Exception as err:
-        return False, (f"extension pm_kernels._C not built ({err}); "
-                       "build it with `pip install --no-build-isolation -e .`")
+        from ._build_info import unavailable_reason  # what setup.py recorded: why the build failed, if it did
+        return False, unavailable_reason(err)
     return True, "extension pm_kernels._C loaded"
 
 
