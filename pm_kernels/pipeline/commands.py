@@ -77,7 +77,7 @@ def _train_config(args, data: DataBundle, distill: bool):
 
 def _run_training(args, device, distill: bool) -> None:
     from .evaluate import accuracy
-    from .finetune import init_distributed, train
+    from .finetune import init_distributed
 
     info = init_distributed(timeout_s=args.dist_timeout)
     if info["distributed"] and device.type == "cuda":
@@ -97,7 +97,7 @@ def _run_training(args, device, distill: bool) -> None:
     # Only rank 0 writes: it alone holds the output's lock; every rank checks the path before training.
     with _claim(args, args.checkpoint, getattr(args, "teacher", None), lock=info["rank"] == 0):
         t = time.perf_counter()
-        hist = _train_ranks(train, model, data, cfg, teacher, device, info)
+        hist = _train_ranks(model, data, cfg, teacher, device, info)
         elapsed = time.perf_counter() - t
         if info["rank"] == 0:
             test_loader = make_loader(data.test, args.batch_size, train=False)
@@ -115,8 +115,9 @@ def _run_training(args, device, distill: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _train_ranks(train, model, data, cfg, teacher, device, info):
-    """``train``, with a failure of the process group (a peer died, a collective timed out) as one line."""
+def _train_ranks(model, data, cfg, teacher, device, info):
+    """``finetune.train``, with a failure of the process group (a peer died, a collective timed out) as one line."""
+    from .finetune import train
     try:
         return train(model, data, cfg, teacher=teacher, device=device)
     except RuntimeError as err:
