@@ -10,13 +10,18 @@
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
 ``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
-its output. Bad input ends with one ``error:`` line on stderr and exit status 2; outputs are written
-atomically (nothing half-way).
+its output. Bad input ends with one ``error:`` line on stderr and exit status 2 (every numeric flag is checked
+when parsed: finite, in range); SIGINT exits 130 and SIGTERM 143, leaving no temp file; outputs are written
+atomically (nothing half-way) and locked against a second run writing them at the same time.
 """
 import argparse
+import math
 import os
+import re
+import signal
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
@@ -42,16 +47,39 @@ def _rate(name, low_open=True):
     return parse
 
 
-def _positive(kind=int):
+def _number(kind=float, low=None, high=None, low_open=False, high_open=False):
+    """A finite int/float in the range [low, high] (an end left open with ``*_open``; None: unbounded)."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    expected = f"{'an int' if kind is int else 'a finite number'}{' ' + lo if lo else ''}" \
+               f"{' and ' if lo and hi else ' ' if hi else ''}{hi}"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        in_range = (math.isfinite(value)
+                    and (low is None or (value > low if low_open else value >= low))
+                    and (high is None or (value < high if high_open else value <= high)))
+        if not in_range:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
+
+
+def _positive(kind=int):
+    return _number(kind, low=0, low_open=True)
+
+
+def _non_negative(kind=float):
+    return _number(kind, low=0)
+
+
+def _device(text):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _common(p, data=True, model=True):
@@ -62,29 +90,33 @@ def _common(p, data=True, model=True):
     if data:
         p.add_argument("--data", default="digits", help="'digits' (embedded) or an ImageFolder path")
         p.add_argument("--batch-size", type=_positive(), default=64)
-        p.add_argument("--workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--workers", type=_non_negative(int), default=0, help="data loader workers")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
+    p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=_positive(), help="torch CPU threads (default: free cores, at least 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _train_args(p, distill: bool):
-    p.add_argument("--epochs", type=_positive(float), default=60.0 if distill else 30.0)
+    p.add_argument("--epochs", type=_number(float, 0, 1e6, low_open=True), default=60.0 if distill else 30.0)
     p.add_argument("--base-lr", type=_positive(float), default=1e-4, help="lr = base-lr × global batch / 512")
     p.add_argument("--lr", type=_positive(float), help="absolute lr (overrides --base-lr scaling)")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--warmup-iters", type=int, default=0)
-    p.add_argument("--mixup", type=float, help="mixup alpha (default: 0.8 on ImageFolder, 0 on digits)")
-    p.add_argument("--cutmix", type=float, help="cutmix alpha (default: 1.0 on ImageFolder, 0 on digits)")
-    p.add_argument("--smoothing", type=float, help="label smoothing (default: 0.1 on ImageFolder, 0 on digits)")
+    p.add_argument("--min-lr", type=_non_negative(), default=1e-6)
+    p.add_argument("--weight-decay", type=_non_negative(), default=1e-3)
+    p.add_argument("--warmup-iters", type=_non_negative(int), default=0)
+    p.add_argument("--mixup", type=_non_negative(), help="mixup alpha (default: 0.8 on ImageFolder, 0 on digits)")
+    p.add_argument("--cutmix", type=_non_negative(), help="cutmix alpha (default: 1.0 on ImageFolder, 0 on digits)")
+    p.add_argument("--smoothing", type=_number(float, 0, 1, high_open=True),
+                   help="label smoothing (default: 0.1 on ImageFolder, 0 on digits)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--max-iters", type=_positive(), help="stop after this many iterations")
+    p.add_argument("--dist-timeout", type=_positive(float),
+                   help="under torchrun: seconds a collective waits for the other ranks before the job fails "
+                        "(default 600)")
     p.add_argument("--out", required=True, help="output checkpoint")
     if distill:
         p.add_argument("--teacher", help="dense checkpoint to distil from (default: none, unless --alpha 0)")
-        p.add_argument("--alpha", type=float, default=0.8, help="distillation weight (0.8 Tiny, 1.0 Small)")
+        p.add_argument("--alpha", type=_non_negative(), default=0.8, help="distillation weight (0.8 Tiny, 1.0 Small)")
         p.add_argument("--tau", type=_positive(float), default=20.0, help="distillation temperature T")
         p.add_argument("--authors-lr-quirk", action="store_true",
                        help="as the authors' script: every 2-D weight (M, R included) stays at lr 1e-6")
@@ -126,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="PNG of each layer's centres / merged / pruned patches over an image")
     _common(p)
-    p.add_argument("--index", type=int, default=0, help="test image index")
+    p.add_argument("--index", type=_non_negative(int), default=0, help="test image index")
     p.add_argument("--out", required=True, help="output PNG")
 
     p = sub.add_parser("demo", help="digits end to end: train, calibrate, compress, fine-tune, evaluate, plot")
@@ -141,19 +173,48 @@ def _setup(args):
     import torch
 
     from .pipeline.demo import default_threads
+    from .pipeline.io import PipelineError
     torch.set_num_threads(args.threads or default_threads())
     torch.manual_seed(args.seed)
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        from .pipeline.io import PipelineError
-        raise PipelineError(f"device {args.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from .pipeline.io import PipelineError
-        raise PipelineError(f"device {args.device!r}: CUDA is not available")
+    device = torch.device(args.device)  # the parser let through only cpu, cuda, cuda:N
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {args.device!r}: CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PipelineError(f"device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                "device(s)")
     return device
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT: the same clean-up runs (temp files
+    removed, locks released) and the command exits with 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return (text.splitlines() or [type(err).__name__])[0]
+
+
+def _warnings_as_lines(prog: str):
+    """``warnings.showwarning`` that prints the pipeline's warnings as one ``warning:`` line each."""
+    from .pipeline.io import PipelineWarning
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PipelineWarning):
+            sys.stderr.write(f"{prog}: warning: {message}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -163,14 +224,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .pipeline.io import PipelineError
     start = time.perf_counter()
     try:
-        device = _setup(args)
-        getattr(commands, "cmd_" + args.command)(args, device)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # main() called outside the main thread: no handler there
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warnings_as_lines(f"pm-kernels {args.command}")
+            device = _setup(args)
+            getattr(commands, "cmd_" + args.command)(args, device)
     except PipelineError as err:
-        sys.stderr.write(f"pm-kernels {args.command}: error: {err}\n")
+        sys.stderr.write(f"pm-kernels {args.command}: error: {_one_line(err)}\n")
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         sys.stderr.write(f"pm-kernels {args.command}: interrupted\n")
         raise SystemExit(130) from None
+    except Terminated:
+        sys.stderr.write(f"pm-kernels {args.command}: terminated\n")
+        raise SystemExit(143) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not getattr(args, "quiet", False):
         print(f"[{args.command}] done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -4,9 +4,11 @@ or an ImageFolder tree read with timm's dataset and transforms.
 ``--data digits``: 8×8 scans upsampled (bilinear) to 32×32, 1 channel, a stratified 75/25 train/test split
 with a fixed seed. No augmentation by default: random shifts (``shift``) slowed the short from-scratch
 schedule of the demo down (82% vs 94% top-1 after 12 epochs, measured).
-``--data DIR``: ``DIR/train`` and ``DIR/val`` (or ``validation``) when present, else ``DIR`` for both.
+``--data DIR``: ``DIR/train`` and ``DIR/val`` (or ``validation``) when present, else ``DIR`` for both; labels
+come from the training split's class map.
 """
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .io import PipelineError
+from .io import PipelineError, PipelineWarning
 
 __all__ = ["DataBundle", "load_data", "make_loader", "DIGITS"]
 
@@ -78,10 +80,60 @@ def _count_images(root: str) -> int:
     return n
 
 
+class ImageFolderSplit(Dataset):
+    """One split of an ImageFolder (a timm ``ImageDataset``): an image that cannot be read ends the run with one
+    clear line. (timm skips a few unreadable images with a logged warning and gives up after 50 in a row.)"""
+
+    def __init__(self, dataset, root: str):
+        self.dataset, self.root = dataset, root
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except Exception as err:  # PIL / timm errors differ across versions: every one is a data error here
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise PipelineError(f"data {self.root}: images from index {i} on cannot be read ({reason})") from None
+
+    @property
+    def samples(self):
+        return self.dataset.reader.samples
+
+
+def _check_readable(split: ImageFolderSplit, tries: int = 50) -> None:
+    """Fail now, not in the middle of a run, when none of the first ``tries`` images decodes."""
+    from PIL import Image
+
+    last = None
+    for path, _ in split.samples[:tries]:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+            return
+        except Exception as err:
+            last = (path, (str(err).strip().splitlines() or [type(err).__name__])[0][:120])
+    if last is not None:
+        raise PipelineError(f"data {split.root}: none of the first {min(tries, len(split.samples))} images can be "
+                            f"read (corrupt or not images), e.g. {last[0]}: {last[1]}")
+
+
+def _class_names(names, limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def image_folder(root: str, img_size: int = 224, mean=None, std=None, interpolation: str = "bicubic",
                  crop_pct: float = 0.875, random_erasing: float = 0.25) -> DataBundle:
-    """timm ``ImageDataset`` + ``create_transform`` (train: random-resized crop, flip, random erasing)."""
+    """timm ``ImageDataset`` + ``create_transform`` (train: random-resized crop, flip, random erasing).
+
+    One class map, from the training split, labels both splits: a validation class absent from training is an
+    error (its labels would mean another class); training classes without validation images, or a single
+    training class, are warnings.
+    """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+    from timm.data.readers.reader_image_folder import find_images_and_targets
 
     if not os.path.isdir(root):
         raise PipelineError(f"data {root}: no such folder (give a folder of class sub-folders, or 'digits')")
@@ -97,13 +149,32 @@ def image_folder(root: str, img_size: int = 224, mean=None, std=None, interpolat
     train_tf = create_transform(is_training=True, auto_augment=None, re_prob=random_erasing, **common)
     test_tf = create_transform(is_training=False, crop_pct=crop_pct, **common)
     try:
-        train, test = ImageDataset(train_root, transform=train_tf), ImageDataset(test_root, transform=test_tf)
+        train = ImageDataset(train_root, transform=train_tf)
+        classes = dict(train.reader.class_to_idx)
+        if test_root != train_root:
+            _, test_classes = find_images_and_targets(test_root)
+            unknown = set(test_classes) - set(classes)
+            if unknown:
+                raise PipelineError(f"data {root}: validation class(es) {_class_names(unknown)} are not in the "
+                                    f"training split {train_root} (classes {_class_names(classes)})")
+            missing = set(classes) - set(test_classes)
+            if missing:
+                warnings.warn(PipelineWarning(
+                    f"data {root}: {len(missing)} of the {len(classes)} training classes have no validation images "
+                    f"({_class_names(missing)}); accuracy is over the other {len(classes) - len(missing)}"))
+        test = ImageDataset(test_root, transform=test_tf, class_map=classes)
+    except PipelineError:
+        raise
     except Exception as err:
         raise PipelineError(f"data {root}: cannot be read as an ImageFolder ({str(err).splitlines()[0][:160]})") \
             from None
-    classes = train.reader.class_to_idx if hasattr(train.reader, "class_to_idx") else None
-    num_classes = len(classes) if classes else 1 + max(int(t) for _, t in train.reader.samples)
-    return DataBundle(root, train, test, num_classes=num_classes, in_chans=3, img_size=img_size, mean=mean,
+    if len(classes) == 1:
+        warnings.warn(PipelineWarning(f"data {root}: one class in the training split ({next(iter(classes))!r}): "
+                                      "there is nothing to learn (the loss is 0 from the start)"))
+    train, test = ImageFolderSplit(train, train_root), ImageFolderSplit(test, test_root)
+    for split in (train, test):
+        _check_readable(split)
+    return DataBundle(root, train, test, num_classes=len(classes), in_chans=3, img_size=img_size, mean=mean,
                       std=std, allows_mixup=True)
 
 
@@ -128,7 +199,14 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, w
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, drop_last=drop_last,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=_worker_default_sigterm if workers else None)
+
+
+def _worker_default_sigterm(_worker_id: int) -> None:
+    # A worker inherits the CLI's SIGTERM handler (raise, clean up, exit 143); a worker has nothing to clean up
+    # and the main process reports the termination, so it just ends.
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def cycle_batches(loader, n: int):

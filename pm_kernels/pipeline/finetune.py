@@ -9,6 +9,7 @@ which leaves every 2-D weight (M and R included) at 1e-6. Under ``torchrun`` (WO
 wrapped in ``DistributedDataParallel`` and the loader uses a ``DistributedSampler``.
 The same loop with no teacher trains the dense model (the digits demo trains its ViT from scratch with it).
 """
+import datetime
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -21,7 +22,8 @@ from torch import nn
 from .data import DataBundle, make_loader
 from .io import PipelineError
 
-__all__ = ["DistillationLoss", "TrainConfig", "train", "dist_info", "init_distributed", "param_groups"]
+__all__ = ["DistillationLoss", "TrainConfig", "train", "dist_info", "init_distributed", "param_groups",
+           "DIST_TIMEOUT_S"]
 
 
 class DistillationLoss(nn.Module):
@@ -81,14 +83,24 @@ def dist_info() -> Dict[str, int]:
             "local_rank": int(os.environ.get("LOCAL_RANK", "0")), "distributed": world > 1}
 
 
-def init_distributed() -> Dict[str, int]:
-    """``init_process_group`` from torchrun's environment (nccl on CUDA, gloo otherwise); no-op when single."""
+DIST_TIMEOUT_S = 600.0
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> Dict[str, int]:
+    """``init_process_group`` from torchrun's environment (nccl on CUDA, gloo otherwise); no-op when single.
+
+    ``timeout_s`` (default ``DIST_TIMEOUT_S``): how long a collective waits for the other ranks before it
+    fails, so that a rank that stopped responding ends the job instead of hanging it.
+    """
     info = dist_info()
     if info["distributed"] and not torch.distributed.is_initialized():
+        timeout_s = DIST_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise PipelineError(f"distributed timeout: expected a finite number of seconds > 0, got {timeout_s}")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(info["local_rank"])
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return info
 
 
@@ -164,34 +176,36 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
                "iterations": total, "epoch_loss": []}
     step, epoch = 0, 0
     bar = tqdm(total=total, desc="train", disable=not cfg.progress or info["rank"] != 0, leave=False)
-    while step < total:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        running, count = 0.0, 0
-        for images, targets in loader:
-            if step >= total:
-                break
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                images, targets = mixup_fn(images, targets)
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total, g["base_lr"], min(cfg.min_lr, g["base_lr"]), cfg.warmup_iters)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(images)
-                loss = criterion(images, logits, targets)
-            if not torch.isfinite(loss):
-                raise PipelineError(f"training diverged: loss is {loss.item()} at iteration {step}; lower the lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            running, count, step = running + loss.item(), count + 1, step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-        history["epoch_loss"].append(running / max(1, count))
-        epoch += 1
-    bar.close()
+    try:  # the bar is cleared on any exit, so that an error is a line of its own
+        while step < total:
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            running, count = 0.0, 0
+            for images, targets in loader:
+                if step >= total:
+                    break
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, targets)
+                for g in optimizer.param_groups:
+                    g["lr"] = _lr_at(step, total, g["base_lr"], min(cfg.min_lr, g["base_lr"]), cfg.warmup_iters)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = net(images)
+                    loss = criterion(images, logits, targets)
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"training diverged: loss is {loss.item()} at iteration {step}; lower the lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                running, count, step = running + loss.item(), count + 1, step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            history["epoch_loss"].append(running / max(1, count))
+            epoch += 1
+    finally:
+        bar.close()
     for p in frozen:
         p.requires_grad_(True)
     model.eval()

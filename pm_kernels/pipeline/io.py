@@ -2,17 +2,20 @@
 
 Every error meant for the command line is a ``PipelineError``: ``pm_kernels.cli`` prints ``error: <message>``
 on stderr and exits with status 2, without a traceback. Nothing is written half-way: a write goes to a temp
-file in the target's folder and is renamed over the target only once complete.
+file in the target's folder and is renamed over the target only once complete (the temp file is removed on
+any error, SIGINT or SIGTERM; one left by SIGKILL is removed by the next write of the same target).
 """
 import json
 import os
+import re
+import stat
 import tempfile
 from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["PipelineError", "atomic_write", "save_checkpoint", "load_checkpoint", "save_scores", "load_scores",
-           "save_json", "checkpoint_state_dict"]
+__all__ = ["PipelineError", "PipelineWarning", "atomic_write", "save_checkpoint", "load_checkpoint", "save_scores",
+           "load_scores", "save_json", "checkpoint_state_dict"]
 
 FORMAT = "pm_kernels.pipeline/1"
 
@@ -21,22 +24,96 @@ class PipelineError(Exception):
     """A user-facing error: bad input, missing or corrupt file. Printed as one line by the CLI."""
 
 
+class PipelineWarning(UserWarning):
+    """Something the user should know that does not stop the run (printed as one ``warning:`` line by the CLI)."""
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove temp files of ``path`` left by a writer that was killed (SIGKILL, power loss).
+
+    A temp file is named ``.<name>.<pid>.<random>.tmp``; it is stale when no process ``pid`` runs on this
+    machine. Temp files of a live writer (this one included) stay.
+    """
+    folder, prefix = os.path.dirname(path), _temp_prefix(path)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[^.]+\.tmp$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # gone already, or not ours to remove: the write goes on
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a name we cannot judge): leave its file
+    return True
+
+
+def _os_error(path: str, err: OSError) -> PipelineError:
+    return PipelineError(f"output {path}: cannot write ({err.strerror or err})")
+
+
 def atomic_write(path: str, write_fn) -> str:
-    """Call ``write_fn(tmp_path)`` then rename the temp file onto ``path``; the temp file goes on failure."""
+    """Call ``write_fn(tmp_path)`` then rename the temp file onto ``path``; the temp file goes on failure.
+
+    The new file keeps the mode of the file it replaces, else gets the mode a plain ``open`` would give
+    (0666 less the umask). Temp files of the same target left by a killed writer are removed first.
+    """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
         raise PipelineError(f"output {path}: cannot create folder ({err.strerror or err})") from None
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    if os.path.isdir(path):
+        raise PipelineError(f"output {path}: is a folder, expected a file name")
+    _remove_stale_temps(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as err:
+        raise _os_error(path, err) from None
     try:
         write_fn(tmp)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _os_error(path, err) from None
         raise
     return path
 
@@ -53,7 +130,14 @@ def save_checkpoint(model: torch.nn.Module, path: str, meta: Dict[str, Any]) -> 
     """``{"state_dict": ..., "pm_meta": meta}``: loads with ``timm.create_model(..., checkpoint_path=path)``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"state_dict": state, "pm_meta": dict(meta, format=FORMAT)}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
+
+
+def _torch_save(payload, tmp: str, path: str) -> None:
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as err:  # torch's zip writer reports a full disk or an I/O error as RuntimeError
+        raise PipelineError(f"output {path}: cannot write ({str(err).strip().splitlines()[-1][:160]})") from None
 
 
 def _read(path: str, what: str):
@@ -81,8 +165,15 @@ def checkpoint_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj)
+            or not all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise PipelineError(f"checkpoint {path}: no state dict of tensors in it")
+    for key, t in obj.items():
+        # A tensor with more elements than its storage holds (stride 0, overlapping) is how a small file would
+        # claim large weights; torch.save never writes a parameter that way.
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise PipelineError(f"checkpoint {path}: tensor {str(key)[:80]!r} of shape {tuple(t.shape)} has more "
+                                f"elements than its storage holds ({t.untyped_storage().nbytes()} bytes)")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -95,7 +186,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 def save_scores(scores: torch.Tensor, path: str, meta: Optional[Dict[str, Any]] = None) -> str:
     payload = {"scores": scores.detach().cpu().float(), "pm_meta": dict(meta or {}, format=FORMAT)}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
 
 
 def load_scores(path: str) -> Dict[str, Any]:

@@ -1,43 +1,33 @@
-"""Building and loading models for the pipeline: any timm ViT/DeiT name, or ``digits_vit`` (the small ViT of
-the embedded demo), always patched with Prune-and-Merge blocks (identity structure until compressed)."""
+"""Building and loading models for the pipeline: the families of ``families.FAMILIES`` (timm ViT/DeiT names and
+``digits_vit``, the small ViT of the embedded demo), always patched with Prune-and-Merge blocks (identity
+structure until compressed). A checkpoint's metadata is checked against that table and the weights before
+anything is built (see ``families``)."""
 import copy
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..patch import is_patched, patch_timm
+from .families import DIGITS_VIT, DIGITS_VIT_KWARGS, find_family, recorded_kwargs, resolve_kwargs
 from .io import PipelineError, load_checkpoint
 
-__all__ = ["DIGITS_VIT", "build_model", "load_model", "model_meta"]
-
-DIGITS_VIT = "digits_vit"
-# 32×32 grey digits, 4×4 patches → 64 patches + CLS.
-DIGITS_VIT_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-                         num_heads=4, mlp_ratio=2.0)
+__all__ = ["DIGITS_VIT", "DIGITS_VIT_KWARGS", "build_model", "load_model", "model_meta", "clean_meta"]
 
 
 def build_model(name: str, model_kwargs: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
-    """A patched (PM, identity structure) model. ``model_kwargs`` go to the constructor / ``timm.create_model``."""
-    import timm
-
-    from ..models import PMVisionTransformer
-
-    kwargs = dict(model_kwargs or {})
+    """A patched (PM, identity structure) model. ``model_kwargs`` are checked against the family's table."""
+    family = find_family(name)
+    kwargs = resolve_kwargs(family, name, dict(model_kwargs or {}), None, f"model {name!r}")
     try:
-        if name == DIGITS_VIT:
-            model = PMVisionTransformer(**dict(DIGITS_VIT_KWARGS, **kwargs))
-        else:
-            if not timm.is_model(name):
-                raise PipelineError(f"model {name!r}: not a timm model name (e.g. deit_small_patch16_224, "
-                                    f"pm_deit_small_patch16_224, or {DIGITS_VIT})")
-            model = timm.create_model(name, pretrained=False, **kwargs)
+        model = family.build(name, kwargs)
         if not is_patched(model):
             model = patch_timm(model)
     except PipelineError:
         raise
-    except (TypeError, ValueError, RuntimeError) as err:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
         hint = "" if "VisionTransformer" in str(err) else " (expected a timm ViT/DeiT)"
-        raise PipelineError(f"model {name!r}: {str(err).splitlines()[0]}{hint}") from None
+        raise PipelineError(f"model {name!r}: {(str(err).splitlines() or [type(err).__name__])[0]}{hint}") from None
     return model
 
 
@@ -45,42 +35,86 @@ def model_meta(model: torch.nn.Module) -> Dict[str, Any]:
     return dict(getattr(model, "pm_pipeline_meta", {}))
 
 
-def _head_classes(state_dict) -> Optional[int]:
-    w = state_dict.get("head.weight")
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+def _text(v) -> bool:
+    return isinstance(v, str) and len(v) <= 4096
+
+
+def _rate(low_open: bool):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return 0 < v <= 1 if low_open else 0 <= v < 1
+    return ok
+
+
+# What a checkpoint's pm_meta may hold besides model / model_kwargs (read by the pipeline for reports and carried
+# into the files it writes). Other keys are dropped; a known key with a bad value refuses the file.
+META_KEYS = {
+    "format": (_text, "a string"),
+    "stage": (lambda v: v in ("dense", "compressed", "finetuned"), "dense, compressed or finetuned"),
+    "data": (_text, "a string"),
+    "scores": (_text, "a string"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "keep_rate": (_rate(low_open=True), "a number in (0, 1]"),
+    "prune_rate": (_rate(low_open=False), "a number in [0, 1)"),
+    "K": (lambda v: isinstance(v, list) and all(isinstance(k, int) and not isinstance(k, bool) for k in v),
+          "a list of ints"),
+    "train": (lambda v: isinstance(v, dict), "a dict (the training history)"),
+}
+
+
+def clean_meta(meta: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """The known keys of a checkpoint's ``pm_meta`` (``model`` and ``model_kwargs`` are checked by the caller)."""
+    kept = {}
+    for key, (ok, expected) in META_KEYS.items():
+        if key in meta:
+            if not ok(meta[key]):
+                raise PipelineError(f"{source}: pm_meta {key} = {str(meta[key])[:60]!r}: expected {expected}")
+            kept[key] = meta[key]
+    if "model" in meta:
+        kept["model"] = meta["model"]
+    kwargs = meta.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise PipelineError(f"{source}: pm_meta model_kwargs: expected a dict, got {type(kwargs).__name__}")
+    kept["model_kwargs"] = dict(kwargs or {})
+    return kept
 
 
 def load_model(checkpoint: Optional[str], name: Optional[str] = None, num_classes: Optional[int] = None,
                extra_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(model, meta): build the model named by the checkpoint's meta (or ``name``) and load the weights.
 
-    A PM checkpoint brings its structure (M, R, keep_mask shapes); a dense timm/DeiT checkpoint loads as the
-    identity structure. Without a checkpoint, a freshly initialised model.
+    The constructor arguments are those the weights' shapes imply (the file's ``model_kwargs`` and
+    ``extra_kwargs`` must agree with them; see ``families``). A PM checkpoint brings its structure (M, R,
+    keep_mask shapes); a dense timm/DeiT checkpoint loads as the identity structure. Without a checkpoint, a
+    freshly initialised model (``num_classes`` outputs).
     """
     ckpt = load_checkpoint(checkpoint) if checkpoint else {"state_dict": None, "meta": {}}
-    meta = copy.deepcopy(ckpt["meta"])
+    source = f"checkpoint {checkpoint}"
+    meta = clean_meta(copy.deepcopy(ckpt["meta"]), source)
     arch = meta.get("model") or name
     if not arch:
         raise PipelineError("model: give --model (a timm ViT/DeiT name or digits_vit); "
                             f"checkpoint {checkpoint} does not name one")
+    family = find_family(arch)
     if name and meta.get("model") and name != meta["model"]:
         raise PipelineError(f"model {name!r}: checkpoint {checkpoint} is of model {meta['model']!r}")
-    kwargs = dict(meta.get("model_kwargs") or {})
-    kwargs.update(extra_kwargs or {})
     state_dict = ckpt["state_dict"]
-    classes = _head_classes(state_dict) if state_dict is not None else None
-    if classes is None and num_classes is not None:
-        classes = num_classes
-    if classes is not None:
-        kwargs["num_classes"] = classes
+    given = dict(meta["model_kwargs"])
+    given.update(extra_kwargs or {})
+    if state_dict is None:
+        source = f"model {arch!r}"
+        if num_classes is not None:
+            given["num_classes"] = num_classes
+    kwargs = resolve_kwargs(family, arch, given, state_dict, source)
     model = build_model(arch, kwargs)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        except (RuntimeError, ValueError, TypeError) as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
             detail = lines[1] if len(lines) > 1 else lines[0]
             raise PipelineError(f"checkpoint {checkpoint}: does not fit model {arch!r} ({detail[:200]})") from None
-    meta.update(model=arch, model_kwargs=kwargs)
+    meta.update(model=arch, model_kwargs=recorded_kwargs(family, kwargs, model))
     model.pm_pipeline_meta = meta
     return model, meta
