@@ -18,6 +18,7 @@ from .compress import compress
 from .patch import PMAttention, PMBlock, is_patched, patch_timm, set_backend
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import OptimizedPM, optimize
+from .deploy import export
 from .token_ops import merge, reconstruct, reconstruct_merge
 
 __version__ = "0.1.0"
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 sys.modules.setdefault(__name__ + ".backends", _dispatch)
 
 __all__ = [
-    "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
+    "attention", "backends", "build_merge_matrix", "calibrate", "compress", "export", "fused_block", "init_reconstruct",
     "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock", "reconstruct",
     "reconstruct_merge", "search_structure", "set_backend",
 ]
