@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from .optimize import OptimizedPM, optimize
-from .patch import is_patched
+from .patch import PMAttention, is_patched
 
 __all__ = ["export", "load_exported", "FORMATS"]
 
@@ -78,7 +78,7 @@ def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.
 def _traceable(pm: torch.nn.Module):
     """Attention on the torch backend (SDPA: standard ops, no custom op) and eval mode, restored afterwards."""
     missing = object()
-    saved = [(blk.attn, blk.attn.__dict__.get("backend", missing)) for blk in pm.blocks]
+    saved = [(m, m.__dict__.get("backend", missing)) for m in pm.modules() if isinstance(m, PMAttention)]
     modes = [(m, m.training) for m in pm.modules()]
     try:
         for attn, _ in saved:
