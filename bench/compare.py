@@ -420,6 +420,10 @@ def main(argv=None):
     if args.replot:
         with open(args.replot) as f:
             result = json.load(f)
+        if result["env"].get("runtime") == "onnxruntime":  # no plot for that mode: the table only
+            from bench import ort_runtime
+            ort_runtime.print_table(result)
+            return result
         png = os.path.splitext(args.replot)[0] + ".png"
         plot(result, png)
         print_table(result)
