@@ -27,6 +27,7 @@ GFLOPs).
     python bench/compare.py --device cpu --batch 8 --dtype fp32 --models deit_tiny \\
         --out bench/results/compare_cpu_deit_tiny.json          # CPU mode: labelled CPU everywhere
     python bench/compare.py --replot bench/results/compare_cpu_deit_tiny.json   # redraw PNG, print table
+    python bench/compare.py --runtime onnxruntime --models deit_small   # exported, in ONNX Runtime (CPU)
 """
 import argparse
 import copy
@@ -363,7 +364,12 @@ def plot(result, path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda (cpu with onnxruntime)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: dense / PM / ToMe / EViT exported to ONNX, timed in ONNX Runtime on the CPU "
+                        "(bench/ort_runtime.py)")
+    p.add_argument("--batches", default="1,8", help="onnxruntime: batch sizes, one run")
+    p.add_argument("--ort-images", type=int, default=16, help="onnxruntime: images per timed run")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on cuda, 8 on cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--models", default=None,
@@ -387,6 +393,11 @@ def parse_args(argv=None):
                    help="no measurement: redraw the PNG and print the table of an existing result JSON")
     p.add_argument("--out", default=None, help="JSON path (PNG next to it); default bench/results/...")
     args = p.parse_args(argv)
+    ort = args.runtime == "onnxruntime"
+    if ort and (args.device == "cuda" or args.dtype not in (None, "fp32")):
+        p.error("--runtime onnxruntime runs fp32 on the CPU (CPUExecutionProvider): drop --device / --dtype")
+    args.device = args.device or ("cpu" if ort else "cuda")
+    args.batches = [int(b) for b in args.batches.split(",") if b]
     cuda = args.device == "cuda"
     args.batch = args.batch or (256 if cuda else 8)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -396,9 +407,10 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.iters = args.iters or (20 if cuda else 3)
     if args.out is None:
-        tag = "cpu" if not cuda else "cuda"
+        tag = "ort_cpu" if ort else ("cpu" if not cuda else "cuda")
+        batch = "b" + "_".join(map(str, args.batches)) if ort else f"b{args.batch}"
         args.out = os.path.join(_ROOT, "bench", "results",
-                                f"compare_{tag}_{args.dtype}_b{args.batch}_{'_'.join(args.models)}.json")
+                                f"compare_{tag}_{args.dtype}_{batch}_{'_'.join(args.models)}.json")
     return args
 
 
@@ -407,11 +419,18 @@ def main(argv=None):
     if args.replot:
         with open(args.replot) as f:
             result = json.load(f)
+        if result["env"].get("runtime") == "onnxruntime":  # no plot for that mode: the table only
+            from bench import ort_runtime
+            ort_runtime.print_table(result)
+            return result
         png = os.path.splitext(args.replot)[0] + ".png"
         plot(result, png)
         print_table(result)
         print(f"redrew {png}")
         return result
+    if args.runtime == "onnxruntime":
+        from bench import ort_runtime  # builds on this module's helpers: imported only when asked for
+        return ort_runtime.main(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here (use --device cpu for the CPU mode)")
     if args.threads:

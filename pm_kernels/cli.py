@@ -7,6 +7,7 @@
     pm-kernels evaluate   --dense dense.pth --checkpoint pm_ft.pth [more.pth ...] --out-dir runs/eval
     pm-kernels visualize  --checkpoint pm_ft.pth --out structure.png
     pm-kernels demo       [--out runs/demo] [--quick]
+    pm-kernels export     --checkpoint pm_ft.pth --out pm.onnx [--format onnx|pt2] [--batch-size N] [--verify]
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
 ``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
@@ -166,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
     p.add_argument("--quick", action="store_true", help="reduced budget (tests)")
     p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4")
+
+    p = sub.add_parser("export", help="ONNX file or torch.export program (.pt2) of a PM checkpoint, folded")
+    _common(p, data=False)
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--format", choices=["onnx", "pt2"], help="default: from the --out extension")
+    p.add_argument("--batch-size", type=_positive(), default=1, help="batch of the example and of --verify")
+    p.add_argument("--static-batch", action="store_true", help="the file takes only --batch-size images")
+    p.add_argument("--opset", type=_positive(), help="ONNX opset (>= 18; default: the exporter's)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the file (ONNX Runtime / torch.export.load), print max |difference| to PyTorch")
     return parser
 
 
@@ -231,7 +242,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _warnings_as_lines(f"pm-kernels {args.command}")
             device = _setup(args)
-            getattr(commands, "cmd_" + args.command)(args, device)
+            if args.command == "export":
+                from .pipeline.export_cmd import cmd_export as run
+            else:
+                run = getattr(commands, "cmd_" + args.command)
+            run(args, device)
     except PipelineError as err:
         sys.stderr.write(f"pm-kernels {args.command}: error: {_one_line(err)}\n")
         raise SystemExit(2) from None
