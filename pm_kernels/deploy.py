@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from .optimize import OptimizedPM, optimize
-from .patch import PMAttention, is_patched
+from .layers import PMAttentionMixin
+from .patch import is_patched
 
 __all__ = ["export", "load_exported", "FORMATS"]
 
@@ -41,7 +42,7 @@ def _require(packages: Sequence[str], what: str) -> None:
 def _pm_model_and_dtype(model) -> Tuple[torch.nn.Module, Optional[torch.dtype]]:
     """The PM model behind ``model`` (itself, or the one an ``OptimizedPM`` folds) and the folded dtype."""
     if isinstance(model, OptimizedPM):
-        return model.model, model.W0.dtype
+        return model.model, model.folded_dtype
     if is_patched(model):
         return model, None
     raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm / compress) or its pm_kernels.optimize "
@@ -78,7 +79,7 @@ def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.
 def _traceable(pm: torch.nn.Module):
     """Attention on the torch backend (SDPA: standard ops, no custom op) and eval mode, restored afterwards."""
     missing = object()
-    saved = [(m, m.__dict__.get("backend", missing)) for m in pm.modules() if isinstance(m, PMAttention)]
+    saved = [(m, m.__dict__.get("backend", missing)) for m in pm.modules() if isinstance(m, PMAttentionMixin)]
     modes = [(m, m.training) for m in pm.modules()]
     try:
         for attn, _ in saved:

@@ -65,6 +65,7 @@ class OptimizedPM(nn.Module):
         weights.append(exit_full)
         ref = model.patch_embed.proj.weight
         dtype = ref.dtype if dtype is None else dtype
+        self.folded_dtype = dtype
         for i, w in enumerate(weights):  # a W equal to I costs a product and does nothing: skip it
             skip = w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype))
             self.register_buffer(f"W{i}", None if skip else w.to(ref.device, dtype), persistent=False)
