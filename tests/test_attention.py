@@ -180,9 +180,11 @@ def _hook_score(q, k, v, do, scale):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_score_matches_hook_formula(backend):
     q, k, v, do = _inputs(2, 2, 37, 32, torch.float32, seed=6)
-    score = _run(q, k, v, do, backend, scale=0.2)[4]
-    err = _max_rel(score, _hook_score(q, k, v, do, 0.2))
+    got = _run(q, k, v, do, backend, scale=0.2)
+    err = _max_rel(got[4], _hook_score(q, k, v, do, 0.2))
     assert err <= _score_tol(torch.float32), err
+    # The backward that produced the score produced the gradients too: all of them, and right.
+    _assert_close(got, _reference(q, k, v, do, scale=0.2), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
