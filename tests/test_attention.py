@@ -115,13 +115,14 @@ def _large_cases():
     for n in LARGE_N:
         for d in (32, 64, 128):
             for dtype in DTYPES:
+                marks = [pytest.mark.gpu]  # run first on a GPU (tests/conftest.py)
                 if CUDA:
-                    marks = [pytest.mark.gpu]
-                elif (n, d, dtype) in ON_THE_INTERPRETER:
-                    marks = [pytest.mark.slow] if n > 197 else []
-                else:
-                    marks = [pytest.mark.skip(reason="too slow for the Triton interpreter (one case per N runs "
-                                                     "on the CPU); the full matrix runs on a GPU")]
+                    pass
+                elif (n, d, dtype) not in ON_THE_INTERPRETER:
+                    marks.append(pytest.mark.skip(reason="too slow for the Triton interpreter (one case per N runs "
+                                                         "on the CPU); the full matrix runs on a GPU"))
+                elif n > 197:
+                    marks.append(pytest.mark.slow)
                 yield pytest.param(n, d, dtype, marks=marks, id=f"{n}-{d}-{str(dtype)[6:]}")
 
 

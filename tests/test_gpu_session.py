@@ -62,6 +62,7 @@ def test_kernels(tmp_path):
 def test_compare(tmp_path):
     proc, text = _run(tmp_path, "compare")
     assert proc.returncode == 0, text
+    assert "GPU arguments parse" in (tmp_path / "compare.log").read_text()
     result = json.loads((tmp_path / "compare_cpu_check.json").read_text())
     methods = {row["method"] for row in result["rows"] if "error" not in row}
     assert {"dense", "pm-torch", "pm-optimized", "tome", "evit"} <= methods, result["rows"]

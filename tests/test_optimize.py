@@ -91,6 +91,7 @@ def test_optimized_half_precision_dtype():
     assert _rel(got, unfolded) <= 2e-2, _rel(got, unfolded)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_optimized_cuda_graph_capture():
     model = trained_like_pm_model().cuda()
