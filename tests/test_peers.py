@@ -1,6 +1,5 @@
 """Peers for the side-by-side benchmark (bench/peers): ToMe, EViT, and the analytic FLOPs counter."""
 import copy
-import math
 import os
 import sys
 
