@@ -2,7 +2,7 @@
 
 Skipped when the extension is not built (`pip install --no-build-isolation -e .`). On CPU tensors the ops
 run the C++ kernels; on CUDA tensors (when a GPU is present and the extension was built with CUDA) the CUDA
-kernels. Checked against the float64 reference (pm_kernels.reference): forward and gradients (x, z, M, R,
+kernels. Checked against the tests' float64 formulas (tests/formulas.py): forward and gradients (x, z, M, R,
 M_next) through pm_kernels.token_ops(..., backend="cuda"), fp64 gradcheck, torch.library.opcheck (schema,
 autograd registration, fake tensors, AOT dispatch with dynamic shapes), torch.compile tracing and the
 native input checks.
@@ -12,8 +12,9 @@ import torch
 
 _C = pytest.importorskip("pm_kernels._C", reason="native extension pm_kernels._C not built")
 
+import formulas  # noqa: E402
+from helpers import assert_close, dtype_pairs, leaf, token_op_inputs  # noqa: E402
 from pm_kernels import _extension as ext  # noqa: E402
-from pm_kernels import reference as ref  # noqa: E402
 from pm_kernels import token_ops  # noqa: E402
 
 OPS = torch.ops.pm_kernels
@@ -21,22 +22,11 @@ HAS_GPU = torch.cuda.is_available() and bool(getattr(_C, "WITH_CUDA", False))
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not HAS_GPU, reason="needs a CUDA device and an extension built with CUDA")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not HAS_GPU, reason="needs a CUDA device and an extension built with CUDA")]),
 ]
 
-# max |out − ref| / max |ref| (norm-wise relative error), ref in float64.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-# (x dtype, M/R dtype): same dtype, or fp32 weights with half activations (autocast-style).
-DTYPES = [
-    pytest.param(torch.float32, torch.float32, id="fp32"),
-    pytest.param(torch.float64, torch.float64, id="fp64"),
-    pytest.param(torch.float16, torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
-    pytest.param(torch.bfloat16, torch.float32, id="bf16-x_fp32-MR"),
-    pytest.param(torch.float16, torch.float32, id="fp16-x_fp32-MR"),
-]
+DTYPES = dtype_pairs("fp32", "fp64", "fp16", "bf16", "bf16-x_fp32-MR", "fp16-x_fp32-MR")
 
 # (B, N, K, K_next, C)
 SHAPES = [
@@ -47,36 +37,15 @@ SHAPES = [
 ]
 
 
-def _rel_err(out, want):
-    out, want = out.detach().double().cpu(), want.detach().double().cpu()
-    return (out - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
-
-
-def _assert_close(name, out, want, dtype):
-    assert out.shape == want.shape, f"{name}: shape {tuple(out.shape)} != {tuple(want.shape)}"
-    err = _rel_err(out, want)
-    assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]:g} ({dtype})"
-
-
 def _inputs(B, N, K, Kn, C, dtype, wdtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, C, generator=g).to(device=device, dtype=dtype)
-    z = torch.randn(B, K, C, generator=g).to(device=device, dtype=dtype)
-    M = torch.randn(K, N, generator=g).div(N ** 0.5).to(device=device, dtype=wdtype)
-    R = torch.randn(N, K, generator=g).div(K ** 0.5).to(device=device, dtype=wdtype)
-    Mn = torch.randn(Kn, N, generator=g).div(N ** 0.5).to(device=device, dtype=wdtype)
-    keep = torch.rand(N, generator=g) > 0.4
-    keep[0] = True
-    keep[-1] = False
-    return x, z, M, R, Mn, keep.to(device)
+    return token_op_inputs(B, N, K, Kn, C, dtype, wdtype, device, seed)
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def _f64(t):
-    return t.detach().double().cpu().requires_grad_(True) if t.is_floating_point() else t.cpu()
+def _f64(t, dtype=None):
+    """float64 CPU leaf of an op input; weights rounded to the activations' ``dtype`` first (autocast-style)."""
+    if not t.is_floating_point():
+        return t.cpu()
+    return t.detach().to(dtype or t.dtype).double().cpu().requires_grad_(True)
 
 
 def _weights_like(outs, seed=1):
@@ -89,7 +58,7 @@ def _check_grads(names, leaves, ref_leaves, dtype):
         assert a.grad is not None, f"d{name} missing"
         assert a.grad.dtype == a.dtype, f"d{name}: dtype {a.grad.dtype}, expected {a.dtype}"
         assert a.grad.device == a.device
-        _assert_close(f"d{name}", a.grad, b.grad, dtype)
+        assert_close(f"d{name}", a.grad, b.grad, dtype)
 
 
 # ---- forward + backward against the float64 reference, through the public ops ------------------------------
@@ -99,12 +68,12 @@ def _check_grads(names, leaves, ref_leaves, dtype):
 @pytest.mark.parametrize("B,N,K,Kn,C", SHAPES)
 def test_merge(B, N, K, Kn, C, dtype, wdtype, device):
     x, _, M, _, _, _ = _inputs(B, N, K, Kn, C, dtype, wdtype, device)
-    x, M = _leaf(x), _leaf(M)
+    x, M = leaf(x), leaf(M)
     out = token_ops.merge(x, M, backend="cuda")
     assert out.dtype == dtype and out.device == x.device and out.shape == (B, K, C)
-    x64, M64 = _f64(x), _f64(M)
-    want = ref.merge_reference(x64, M64)
-    _assert_close("z", out, want, dtype)
+    x64, M64 = _f64(x), _f64(M, dtype)
+    want = formulas.merge(x64, M64)
+    assert_close("z", out, want, dtype)
     (w,) = _weights_like([out])
     (out * w).sum().backward()
     (want * w.double().cpu()).sum().backward()
@@ -116,12 +85,12 @@ def test_merge(B, N, K, Kn, C, dtype, wdtype, device):
 @pytest.mark.parametrize("B,N,K,Kn,C", SHAPES)
 def test_reconstruct(B, N, K, Kn, C, dtype, wdtype, device):
     x, z, _, R, _, keep = _inputs(B, N, K, Kn, C, dtype, wdtype, device)
-    x, z, R = _leaf(x), _leaf(z), _leaf(R)
+    x, z, R = leaf(x), leaf(z), leaf(R)
     out = token_ops.reconstruct(z, R, x, keep, backend="cuda")
     assert out.dtype == dtype and out.shape == (B, N, C)
-    x64, z64, R64 = _f64(x), _f64(z), _f64(R)
-    want = ref.reconstruct_reference(z64, R64, x64, keep.cpu())
-    _assert_close("x'", out, want, dtype)
+    x64, z64, R64 = _f64(x), _f64(z), _f64(R, dtype)
+    want = formulas.reconstruct(z64, R64, x64, keep.cpu())
+    assert_close("x'", out, want, dtype)
     (w,) = _weights_like([out])
     (out * w).sum().backward()
     (want * w.double().cpu()).sum().backward()
@@ -134,16 +103,16 @@ def test_reconstruct(B, N, K, Kn, C, dtype, wdtype, device):
 @pytest.mark.parametrize("use", ["both", "x_next", "z_next"])
 def test_reconstruct_merge(B, N, K, Kn, C, dtype, wdtype, device, use):
     x, z, _, R, Mn, keep = _inputs(B, N, K, Kn, C, dtype, wdtype, device)
-    x, z, R, Mn = _leaf(x), _leaf(z), _leaf(R), _leaf(Mn)
+    x, z, R, Mn = leaf(x), leaf(z), leaf(R), leaf(Mn)
     x_next, z_next = token_ops.reconstruct_merge(z, R, x, keep, Mn, backend="cuda")
     assert x_next.dtype == dtype and z_next.dtype == dtype
     assert x_next.shape == (B, N, C) and z_next.shape == (B, Kn, C)
-    x64, z64, R64, Mn64 = _f64(x), _f64(z), _f64(R), _f64(Mn)
-    want_x, want_z = ref.reconstruct_merge_reference(z64, R64, x64, keep.cpu(), Mn64)
-    _assert_close("x'", x_next, want_x, dtype)
-    _assert_close("z'", z_next, want_z, dtype)
+    x64, z64, R64, Mn64 = _f64(x), _f64(z), _f64(R, dtype), _f64(Mn, dtype)
+    want_x, want_z = formulas.reconstruct_merge(z64, R64, x64, keep.cpu(), Mn64)
+    assert_close("x'", x_next, want_x, dtype)
+    assert_close("z'", z_next, want_z, dtype)
     # The fused z' is M_next applied to x' as stored: it matches the unfused merge of x'.
-    _assert_close("z' vs merge(x')", z_next, ext.merge(x_next.detach(), Mn.detach()), dtype)
+    assert_close("z' vs merge(x')", z_next, ext.merge(x_next.detach(), Mn.detach()), dtype)
 
     wx, wz = _weights_like([x_next, z_next])
     pairs = {"both": [(x_next, want_x, wx), (z_next, want_z, wz)], "x_next": [(x_next, want_x, wx)],
@@ -161,15 +130,15 @@ def test_reconstruct_merge(B, N, K, Kn, C, dtype, wdtype, device, use):
 def test_partial_requires_grad(device):
     """Only some inputs need a gradient (frozen M/R, or frozen activations)."""
     x, z, M, R, Mn, keep = _inputs(2, 9, 4, 3, 16, torch.float32, torch.float32, device)
-    R = _leaf(R)
+    R = leaf(R)
     x_next, z_next = ext.reconstruct_merge(z, R, x, keep, Mn)
     z_next.sum().backward()
     R64 = _f64(R)
-    ref.reconstruct_merge_reference(_f64(z), R64, _f64(x), keep.cpu(), _f64(Mn))[1].sum().backward()
-    _assert_close("dR", R.grad, R64.grad, torch.float32)
-    x = _leaf(x)
+    formulas.reconstruct_merge(_f64(z), R64, _f64(x), keep.cpu(), _f64(Mn))[1].sum().backward()
+    assert_close("dR", R.grad, R64.grad, torch.float32)
+    x = leaf(x)
     ext.merge(x, M).sum().backward()
-    _assert_close("dx", x.grad, M.double().cpu().sum(0)[None, :, None].expand(2, 9, 16), torch.float32)
+    assert_close("dx", x.grad, M.double().cpu().sum(0)[None, :, None].expand(2, 9, 16), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,11 +148,11 @@ def test_non_contiguous_inputs(device):
     zt = z.transpose(0, 1).contiguous().transpose(0, 1)
     Mt, Rt, Mnt = M.t().contiguous().t(), R.t().contiguous().t(), Mn.t().contiguous().t()
     assert not xt.is_contiguous() and not Mt.is_contiguous()
-    _assert_close("merge", ext.merge(xt, Mt), ref.merge_reference(x.double(), M.double()), torch.float32)
+    assert_close("merge", ext.merge(xt, Mt), formulas.merge(x.double(), M.double()), torch.float32)
     got = ext.reconstruct_merge(zt, Rt, xt, keep, Mnt)
-    want = ref.reconstruct_merge_reference(z.double(), R.double(), x.double(), keep, Mn.double())
+    want = formulas.reconstruct_merge(z.double(), R.double(), x.double(), keep, Mn.double())
     for name, a, b in zip(("x'", "z'"), got, want):
-        _assert_close(name, a, b, torch.float32)
+        assert_close(name, a, b, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,7 +186,7 @@ def test_empty_batch(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     x, z, M, R, Mn, keep = _inputs(2, 6, 3, 4, 5, torch.float64, torch.float64, device)
-    x, z, M, R, Mn = map(_leaf, (x, z, M, R, Mn))
+    x, z, M, R, Mn = map(leaf, (x, z, M, R, Mn))
     assert torch.autograd.gradcheck(lambda x, M: ext.merge(x, M), (x, M))
     assert torch.autograd.gradcheck(lambda z, R, x: ext.reconstruct(z, R, x, keep), (z, R, x))
     assert torch.autograd.gradcheck(lambda z, R, x, Mn: ext.reconstruct_merge(z, R, x, keep, Mn), (z, R, x, Mn))
@@ -228,7 +197,7 @@ def test_gradcheck(device):
 def _opcheck_cases(device):
     x, z, M, R, Mn, keep = _inputs(2, 7, 3, 4, 6, torch.float32, torch.float32, device)
     xb, zb = x.bfloat16(), z.bfloat16()
-    g = lambda t: _leaf(t)  # noqa: E731
+    g = lambda t: leaf(t)  # noqa: E731
     return [
         ("merge_fwd", (g(x), g(M))),
         ("merge_fwd", (g(xb), g(M))),
@@ -273,12 +242,12 @@ def test_torch_compile_traces(device):
         return x_next.sum() + z_next.square().sum()
 
     compiled = torch.compile(boundary, backend="aot_eager", fullgraph=True, dynamic=True)
-    leaves = [_leaf(t) for t in (z, R, x, Mn)]
+    leaves = [leaf(t) for t in (z, R, x, Mn)]
     compiled(leaves[0], leaves[1], leaves[2], keep, leaves[3]).backward()
-    eager = [_leaf(t) for t in (z, R, x, Mn)]
+    eager = [leaf(t) for t in (z, R, x, Mn)]
     boundary(eager[0], eager[1], eager[2], keep, eager[3]).backward()
     for a, b in zip(leaves, eager):
-        _assert_close("compiled grad", a.grad, b.grad, torch.float32)
+        assert_close("compiled grad", a.grad, b.grad, torch.float32)
 
 
 # ---- native input checks (the ops called directly, bypassing token_ops' Python checks) ----------------------
@@ -305,6 +274,7 @@ def test_native_input_checks():
 
 # ---- CUDA only: the fused kernel's tile choices ------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and an extension built with CUDA")
 @pytest.mark.parametrize("N,C,dtype", [
     (197, 384, torch.bfloat16),     # DeiT-S: 32-channel tile in the default 48 KiB
@@ -316,11 +286,12 @@ def test_cuda_fused_large(N, C, dtype):
     x, z, _, R, Mn, keep = _inputs(2, N, K, Kn, C, dtype, torch.float32 if dtype != torch.float64 else dtype,
                                    "cuda")
     got = ext.reconstruct_merge(z, R, x, keep, Mn)
-    want = ref.reconstruct_merge_reference(z.double(), R.double(), x.double(), keep, Mn.double())
+    want = formulas.reconstruct_merge(z.double(), R.double(), x.double(), keep, Mn.double())
     for name, a, b in zip(("x'", "z'"), got, want):
-        _assert_close(name, a, b, dtype)
+        assert_close(name, a, b, dtype)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and an extension built with CUDA")
 def test_cuda_matches_cpu():
     x, z, _, R, Mn, keep = _inputs(3, 33, 9, 7, 20, torch.float32, torch.float32, "cpu")

@@ -5,8 +5,10 @@ import pytest
 import timm
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pm_kernels
+from pm_kernels.dispatch import usable
 
 
 def tiny_vit(**kwargs):
@@ -182,13 +184,41 @@ def test_dense_checkpoint_loads_as_identity(tmp_path):
         torch.testing.assert_close(pm(x), dense(x), rtol=0, atol=1e-5)
 
 
-def test_forced_backends_agree():
-    model, _ = random_structure_model()
+class _RecordOps(TorchDispatchMode):
+    """Records the pm_kernels custom ops that run, with their last string argument (the attention backend)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "pm_kernels" in str(func):
+            self.seen.add((str(func).split(".")[1], args[-1] if args and isinstance(args[-1], str) else None))
+        return func(*args, **(kwargs or {}))
+
+
+# What proves the forced backend ran rather than a silent fallback to torch: the extension's token ops, or the
+# attention custom op called with backend "triton" (the Triton token ops launch kernels, no dispatcher op).
+_FORCED_BACKEND_OPS = {"cuda": {("merge_fwd", None), ("reconstruct_merge_fwd", None), ("reconstruct_fwd", None)},
+                       "triton": {("attention_fwd", "triton")}}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_forced_backends_agree(backend):
+    """The compressed model on a forced native backend equals the torch backend: on the CPU, Triton runs under
+    the interpreter and "cuda" is the extension's C++ kernels (its attention stays on torch)."""
+    if not usable(backend, torch.device("cpu")):
+        pytest.skip(f"backend {backend!r} cannot run here: {pm_kernels.backends()[backend]}")
+    model, _ = random_structure_model(embed_dim=64)  # head dim 32, which the Triton attention supports
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        auto = model(x)
         pm_kernels.set_backend(model, "torch")
-        torch.testing.assert_close(model(x), auto)
+        expected = model(x)
+        pm_kernels.set_backend(model, backend)
+        with _RecordOps() as record:
+            got = model(x)
+    assert _FORCED_BACKEND_OPS[backend] <= record.seen, record.seen
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

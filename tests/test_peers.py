@@ -1,6 +1,5 @@
 """Peers for the side-by-side benchmark (bench/peers): ToMe, EViT, and the analytic FLOPs counter."""
 import copy
-import math
 import os
 import sys
 
@@ -120,12 +119,38 @@ def test_evit_fused_token_is_cls_attention_weighted(tiny):
     torch.testing.assert_close(y[:, 3], 0.1 * x[:, 1] + 0.05 * x[:, 3])
 
 
+def _patched(model, patch):
+    return patch_tome(model, 8) if patch == "tome" else patch_evit(model, 0.5)
+
+
 @pytest.mark.parametrize("patch", ["tome", "evit"])
 def test_peers_train(tiny, images, patch):
-    model = copy.deepcopy(tiny).train()
-    model = patch_tome(model, 8) if patch == "tome" else patch_evit(model, 0.5)
-    model(images).logsumexp(-1).sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    """Every parameter gets a gradient, and the gradients are the derivative of the forward: against a central
+    finite difference along a random direction, in float64 (no merge or keep decision flips at ±1e-6)."""
+    model = _patched(copy.deepcopy(tiny).double().train(), patch)
+    x = images.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        return model(x).logsumexp(-1).sum()
+
+    loss().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    g = torch.Generator().manual_seed(5)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    eps = 1e-6
+    with torch.no_grad():
+        values = []
+        for step in (eps, -2 * eps, eps):  # θ + εd, θ − εd, back to θ
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+            values.append(loss().item())
+    numeric = (values[0] - values[1]) / (2 * eps)
+    # Measured: ToMe 3e-8 relative; EViT 1e-5, as it ranks and weights tokens by a float32 CLS attention even in
+    # a float64 model. A detached merge or fused-token weight is off by 1.7e-4 (EViT) to 2e-2 (ToMe).
+    tol = 1e-6 if patch == "tome" else 5e-5
+    assert abs(analytic - numeric) <= tol * abs(numeric), (analytic, numeric)
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -240,8 +265,13 @@ def test_tome_proportional_attention(tiny):
 
 @pytest.mark.parametrize("patch", ["tome", "evit"])
 def test_peers_run_in_bfloat16(tiny, images, patch):
-    model = copy.deepcopy(tiny).to(torch.bfloat16)
-    model = patch_tome(model, 8) if patch == "tome" else patch_evit(model, 0.5)
+    """bf16 follows fp32: the same tokens per block, the output within bf16 rounding (measured norm-wise: ToMe
+    0.8 %, EViT 1.9 %, the dense model 0.6 %; ToMe without its proportional attention in bf16: 6.6 %)."""
+    fp32, bf16 = _patched(copy.deepcopy(tiny), patch), _patched(copy.deepcopy(tiny).to(torch.bfloat16), patch)
     with torch.inference_mode():
-        out = model(images.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+        want, out = fp32(images), bf16(images.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    info = "_tome_info" if patch == "tome" else "_evit_info"
+    assert getattr(bf16, info)["tokens"] == getattr(fp32, info)["tokens"]
+    err = ((out.double() - want.double()).norm() / want.double().norm()).item()
+    assert err <= (2e-2 if patch == "tome" else 4e-2), err

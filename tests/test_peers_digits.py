@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench import peers_digits as pdg  # noqa: E402
 from bench.peers import dims_from_model, match_evit_keep_rate, match_tome_r, patch_evit, patch_tome  # noqa: E402
-from bench.peers.flops import pm_flops  # noqa: E402
+from bench.peers.flops import evit_token_counts, pm_flops, tome_token_counts  # noqa: E402
 from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model  # noqa: E402
 
 
@@ -21,8 +21,20 @@ def test_plain_vit_computes_the_dense_pm_model():
     with torch.no_grad():
         torch.testing.assert_close(vit(x), pm(x), atol=1e-4, rtol=1e-4)
     assert type(vit.blocks[0]).__name__ == "Block"   # ToMe / EViT need plain timm blocks
-    patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 5)(x)
-    patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0.5, [1, 2, 3])(x)
+    # ToMe and EViT patch it: removing nothing they compute the same model; removing tokens they follow the
+    # schedules the FLOP matching counts with.
+    n, depth = vit.patch_embed.num_patches + 1, len(vit.blocks)
+    with torch.no_grad():
+        expected = pm(x)
+        torch.testing.assert_close(patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0)(x), expected,
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 1.0, [1, 2, 3])(x), expected,
+                                   atol=1e-4, rtol=1e-4)
+        tome = patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 5)
+        evit = patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0.5, [1, 2, 3])
+        assert tome(x).shape == evit(x).shape == expected.shape
+    assert tome._tome_info["tokens"] == [m for _, m in tome_token_counts(n, depth, 5)]
+    assert evit._evit_info["tokens"] == [m for _, m in evit_token_counts(n, depth, 0.5, [1, 2, 3])]
 
 
 def test_matching_lands_near_pm(tmp_path):

@@ -1,40 +1,23 @@
 """Tests of the token ops merge / reconstruct / reconstruct_merge (pm_kernels.token_ops, SPEC §1).
 
-Backends "triton" and "torch" against a float64 reference, forward and gradients (x, z, M, R), plus
-input validation through the public ops and gradcheck of the torch path.
+Backends "triton" and "torch" against the tests' own float64 formulas (tests/formulas.py: the torch backend
+runs pm_kernels.reference, so comparing it with the reference would prove nothing), forward and gradients
+(x, z, M, R), plus input validation through the public ops and gradcheck of the torch path.
 
-Without a GPU, Triton runs under TRITON_INTERPRET=1 (set below, before the kernels module is imported);
-set PM_TEST_GPU=1 (or have CUDA available) to run the kernels on the GPU.
+Without a GPU, Triton runs under TRITON_INTERPRET=1 (tests/conftest.py sets it); with CUDA the kernels run on
+the GPU.
 """
-import os
-
+import pytest
 import torch
 
-if os.environ.get("PM_TEST_GPU") != "1" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import formulas
+from helpers import assert_close, dtype_pairs, float64_leaf, leaf, token_op_inputs
+from pm_kernels import dispatch, token_ops
+from pm_kernels import reference as ref
 
-import pytest  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() and not dispatch.interpreting() else "cpu"
 
-from pm_kernels import reference as ref  # noqa: E402
-from pm_kernels import token_ops  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-# Liger-style tolerance table: max |out − ref| / max |ref| (norm-wise relative error, so that a
-# cancellation to ~0 in one entry does not fail a correct result), ref in float64.
-TOL = {
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 1e-2,
-}
-
-# (x dtype, M/R dtype): same dtype, or fp32 weights with half activations (autocast-style).
-DTYPES = [
-    pytest.param(torch.float32, torch.float32, id="fp32"),
-    pytest.param(torch.float16, torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
-    pytest.param(torch.bfloat16, torch.float32, id="bf16-x_fp32-MR"),
-]
+DTYPES = dtype_pairs("fp32", "fp16", "bf16", "bf16-x_fp32-MR")
 
 # (B, N, K, K_next, C): N in {5, 17, 50}, K in {1, 3, N}, C in {8, 48}. K is M's rows for merge and
 # R's columns for reconstruct; K_next is M_next's rows in reconstruct_merge.
@@ -50,42 +33,10 @@ SHAPES = [
 BACKENDS = ["triton", "torch"]
 
 
-def _rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
-    out, want = out.detach().double().cpu(), want.detach().double().cpu()
-    scale = want.abs().max().item()
-    return (out - want).abs().max().item() / max(scale, 1e-30)
-
-
-def _assert_close(name, out, want, dtype):
-    assert out.shape == want.shape, f"{name}: shape {tuple(out.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = _rel_err(out, want)
-    assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
-
-
 def _inputs(B, N, K, K2, C, dtype, wdtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(N, generator=g) > 0.3
-    keep[0] = True                                   # CLS is always kept
-    t = {
-        "x": torch.randn(B, N, C, generator=g),
-        "z": torch.randn(B, K, C, generator=g),
-        "M": torch.randn(K, N, generator=g),
-        "R": torch.randn(N, K, generator=g),
-        "M_next": torch.randn(K2, N, generator=g),
-    }
-    out = {k: v.to(DEVICE, dtype if k in ("x", "z") else wdtype) for k, v in t.items()}
-    return out, keep.to(DEVICE)
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def _ref64(t, dtype):
-    # float64 copy of the op's defined inputs: weights are used in x's dtype (autocast-style), so they
-    # are first rounded to it; activations are exact in float64.
-    return t.detach().to(dtype).double().requires_grad_(True)
+    """The inputs as a dict by op-argument name, and the keep mask."""
+    t = token_op_inputs(B, N, K, K2, C, dtype, wdtype, DEVICE, seed)._asdict()
+    return t, t.pop("keep_mask")
 
 
 def _run(op, backend, args, keep):
@@ -96,12 +47,13 @@ def _run(op, backend, args, keep):
     return token_ops.reconstruct_merge(args["z"], args["R"], args["x"], keep, args["M_next"], backend=backend)
 
 
-def _ref(op, args, keep):
+def _want(op, args, keep):
+    """The float64 formula of ``op`` (tests/formulas.py)."""
     if op == "merge":
-        return (ref.merge_reference(args["x"], args["M"]),)
+        return (formulas.merge(args["x"], args["M"]),)
     if op == "reconstruct":
-        return (ref.reconstruct_reference(args["z"], args["R"], args["x"], keep),)
-    return ref.reconstruct_merge_reference(args["z"], args["R"], args["x"], keep, args["M_next"])
+        return (formulas.reconstruct(args["z"], args["R"], args["x"], keep),)
+    return formulas.reconstruct_merge(args["z"], args["R"], args["x"], keep, args["M_next"])
 
 
 _OP_INPUTS = {
@@ -112,15 +64,15 @@ _OP_INPUTS = {
 
 
 def _check_op(op, backend, dtype, wdtype, B, N, K, K2, C, seed=0, transform=None):
-    """Forward and all gradients of ``op`` against the float64 reference."""
+    """Forward and all gradients of ``op`` against the float64 formula."""
     base, keep = _inputs(B, N, K, K2, C, dtype, wdtype, seed)
     names = _OP_INPUTS[op]
-    args = {k: _leaf(base[k]) for k in names}
+    args = {k: leaf(base[k]) for k in names}
     call_args = {k: (transform(k, v) if transform else v) for k, v in args.items()}
     outs = _run(op, backend, call_args, keep)
 
-    args64 = {k: _ref64(base[k], dtype) for k in names}
-    outs64 = _ref(op, args64, keep)
+    args64 = {k: float64_leaf(base[k], dtype) for k in names}
+    outs64 = _want(op, args64, keep)
 
     g = torch.Generator().manual_seed(seed + 1)
     grads_out = [torch.randn(o.shape, generator=g).to(DEVICE, dtype) for o in outs]
@@ -129,13 +81,13 @@ def _check_op(op, backend, dtype, wdtype, B, N, K, K2, C, seed=0, transform=None
 
     for i, (o, o64) in enumerate(zip(outs, outs64)):
         assert o.dtype == dtype, f"output {i}: dtype {o.dtype} != {dtype}"
-        _assert_close(f"{op}/{backend} output {i}", o, o64, dtype)
+        assert_close(f"{op}/{backend} output {i}", o, o64, dtype)
 
     grads = torch.autograd.grad(outs, [args[k] for k in names], grads_out)
     grads64 = torch.autograd.grad(outs64, [args64[k] for k in names], [gg.double() for gg in grads_out])
     for k, gr, gr64 in zip(names, grads, grads64):
         assert gr.dtype == args[k].dtype, f"d{k}: dtype {gr.dtype} != {args[k].dtype}"
-        _assert_close(f"{op}/{backend} d{k}", gr, gr64, dtype)
+        assert_close(f"{op}/{backend} d{k}", gr, gr64, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +98,7 @@ def _check_op(op, backend, dtype, wdtype, B, N, K, K2, C, seed=0, transform=None
 def _cases():
     # Every shape for fp32 and for the autocast-style mix; the same-dtype fp16 / bf16 runs take two
     # shapes under the (slow) interpreter, all of them on a GPU.
-    reduced = os.environ.get("TRITON_INTERPRET") == "1"
+    reduced = dispatch.interpreting()
     for backend in BACKENDS:
         for dt in DTYPES:
             for i, shape in enumerate(SHAPES):
@@ -183,9 +135,9 @@ def test_triton_strided_slices():
     M = torch.randn(10, 40, device=DEVICE)[2:8, 3:20]
     z = base["z"][:, :, :]
     x_new, z_new = token_ops.reconstruct_merge(z, base["R"], x, keep, M, backend="triton")
-    x_ref, z_ref = ref.reconstruct_merge_reference(z.double(), base["R"].double(), x.double(), keep, M.double())
-    _assert_close("x'", x_new, x_ref, torch.float32)
-    _assert_close("z'", z_new, z_ref, torch.float32)
+    x_ref, z_ref = formulas.reconstruct_merge(z, base["R"], x, keep, M)
+    assert_close("x'", x_new, x_ref, torch.float32)
+    assert_close("z'", z_new, z_ref, torch.float32)
 
 
 def test_triton_deit_sized_tile():
@@ -202,11 +154,11 @@ def test_triton_deit_sized_tile():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reconstruct_merge_one_output_used(use, backend):
     base, keep = _inputs(2, 17, 3, 5, 16, torch.float32, torch.float32, seed=11)
-    args = {k: _leaf(base[k]) for k in _OP_INPUTS["reconstruct_merge"]}
+    args = {k: leaf(base[k]) for k in _OP_INPUTS["reconstruct_merge"]}
     x_new, z_new = token_ops.reconstruct_merge(args["z"], args["R"], args["x"], keep, args["M_next"],
                                                backend=backend)
-    args64 = {k: _ref64(base[k], torch.float32) for k in args}
-    x64, z64 = ref.reconstruct_merge_reference(args64["z"], args64["R"], args64["x"], keep, args64["M_next"])
+    args64 = {k: float64_leaf(base[k], torch.float32) for k in args}
+    x64, z64 = formulas.reconstruct_merge(args64["z"], args64["R"], args64["x"], keep, args64["M_next"])
     out, out64 = (x_new, x64) if use == "x_only" else (z_new, z64)
     gout = torch.randn_like(out)
     loss, loss64 = (out * gout).sum(), (out64 * gout.double()).sum()
@@ -217,21 +169,21 @@ def test_reconstruct_merge_one_output_used(use, backend):
         if gr64 is None or (k == "M_next" and use == "x_only"):
             assert gr is None or gr.abs().max() == 0, f"d{k} should be absent or zero"
             continue
-        _assert_close(f"d{k}", gr, gr64, torch.float32)
+        assert_close(f"d{k}", gr, gr64, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reconstruct_merge_weights_only_trainable(backend):
     # Only M_next and R require grad (e.g. frozen activations): dR still needs dx'_total.
     base, keep = _inputs(2, 17, 3, 5, 16, torch.float32, torch.float32, seed=13)
-    R, M = _leaf(base["R"]), _leaf(base["M_next"])
+    R, M = leaf(base["R"]), leaf(base["M_next"])
     x_new, z_new = token_ops.reconstruct_merge(base["z"], R, base["x"], keep, M, backend=backend)
     (x_new.square().sum() + z_new.sum()).backward()
-    R64, M64 = _ref64(base["R"], torch.float32), _ref64(base["M_next"], torch.float32)
-    x64, z64 = ref.reconstruct_merge_reference(base["z"].double(), R64, base["x"].double(), keep, M64)
+    R64, M64 = float64_leaf(base["R"], torch.float32), float64_leaf(base["M_next"], torch.float32)
+    x64, z64 = formulas.reconstruct_merge(base["z"], R64, base["x"], keep, M64)
     (x64.square().sum() + z64.sum()).backward()
-    _assert_close("dR", R.grad, R64.grad, torch.float32)
-    _assert_close("dM_next", M.grad, M64.grad, torch.float32)
+    assert_close("dR", R.grad, R64.grad, torch.float32)
+    assert_close("dM_next", M.grad, M64.grad, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -243,8 +195,8 @@ def test_fused_equals_unfused_triton(dtype):
         x_sep = token_ops.reconstruct(base["z"], base["R"], base["x"], keep, backend="triton")
         z_sep = token_ops.merge(x_sep, base["M_next"], backend="triton")
     # Same math; only the order of the fp32 accumulation may differ (other tile shapes).
-    _assert_close("x'", x_new, x_sep.double(), dtype)
-    _assert_close("z'", z_new, z_sep.double(), dtype)
+    assert_close("x'", x_new, x_sep.double(), dtype)
+    assert_close("z'", z_new, z_sep.double(), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,7 +239,7 @@ def test_triton_rejects_float64_and_auto_runs_it_elsewhere():
 
 def test_gradcheck_torch_backend():
     base, keep = _inputs(2, 6, 3, 4, 5, torch.float64, torch.float64, seed=19)
-    x, z, M, R, Mn = (_leaf(base[k]) for k in ("x", "z", "M", "R", "M_next"))
+    x, z, M, R, Mn = (leaf(base[k]) for k in ("x", "z", "M", "R", "M_next"))
     assert torch.autograd.gradcheck(lambda x, M: token_ops.merge(x, M, backend="torch"), (x, M))
     assert torch.autograd.gradcheck(
         lambda z, R, x: token_ops.reconstruct(z, R, x, keep, backend="torch"), (z, R, x))

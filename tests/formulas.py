@@ -1,0 +1,52 @@
+"""The tests' own ground truth: every op as a float64 einsum / loop formula, written from SPEC §1 and §3.
+
+``pm_kernels.reference`` is what the torch backend runs, so a torch-backend test that compares with it compares
+the reference with itself. These formulas share no code with it: einsum instead of matmul, a loop over tokens
+instead of the (1 − m) mask product, an explicit softmax, and the score read off ``A ⊙ ∂L/∂A`` with autograd
+(the authors' hook) instead of the hand-written backward. Everything is computed in float64 on the inputs as
+given (round them to the tested dtype first); results are float64.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["merge", "reconstruct", "reconstruct_merge", "attention", "attention_with_grads"]
+
+
+def merge(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """z[b, k, c] = Σ_n M[k, n] · x[b, n, c]."""
+    return torch.einsum("kn,bnc->bkc", M.double(), x.double())
+
+
+def reconstruct(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
+    """x'[b, n] = Σ_k R[n, k] · z[b, k], plus x[b, n] itself for each pruned token n (keep_mask[n] False)."""
+    spread = torch.einsum("nk,bkc->bnc", R.double(), z.double())
+    rows = [spread[:, n] if kept else spread[:, n] + x[:, n].double()
+            for n, kept in enumerate(keep_mask.tolist())]
+    return torch.stack(rows, dim=1)
+
+
+def reconstruct_merge(z, R, x, keep_mask, M_next) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x', M_next x'): the block boundary as two separate formulas."""
+    x_next = reconstruct(z, R, x, keep_mask)
+    return x_next, merge(x_next, M_next)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None):
+    """(out, A): A = softmax(q kᵀ · scale) over keys, written out; out = A v. q, k, v: (B, H, N, D)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+    e = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    A = e / e.sum(dim=-1, keepdim=True)
+    return torch.einsum("bhqk,bhkd->bhqd", A, v.double()), A
+
+
+def attention_with_grads(q, k, v, grad_out, scale: Optional[float] = None):
+    """(out, dq, dk, dv, score) for the loss ⟨out, grad_out⟩; score[k] = Σ_{b,h,q} A ⊙ ∂L/∂A (SPEC §3)."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, A = attention(qd, kd, vd, scale)
+    A.retain_grad()
+    out.backward(grad_out.double())
+    score = (A * A.grad).sum(dim=(0, 1, 2))
+    return out.detach(), qd.grad, kd.grad, vd.grad, score.detach()
