@@ -9,7 +9,7 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 export MAX_JOBS ?= 2
 
-.PHONY: setup test test-triton-compat dist check-dist demo quickstart bench clean
+.PHONY: setup test test-triton-compat test-timm dist check-dist demo quickstart bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# timm's own tests/test_models.py (the installed timm's sdist, downloaded; not vendored) on one pm_* model per family;
+# `$(PY) tests/timm_suite.py --all-models` runs every pm_* model.
+test-timm: $(STAMP)
+	$(PY) tests/timm_suite.py
 
 # The GPU machines run an older triton (3.6) than .venv (3.8). A second venv sees .venv's packages (through a
 # .pth file) but imports its own triton, plus numpy < 2.3 (triton 3.6's interpreter converts 1-element arrays to
