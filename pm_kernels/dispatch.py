@@ -91,6 +91,17 @@ def _probe_extension() -> Tuple[bool, str]:
     return True, "extension pm_kernels._C loaded"
 
 
+def _extension_has_cuda_kernels() -> bool:
+    if "cuda-kernels" not in _STATUS:
+        try:  # the ops exist once pm_kernels._C is loaded (_status("cuda") loads it)
+            has = _status("cuda")[0] and torch._C._dispatch_has_kernel_for_dispatch_key("pm_kernels::merge_fwd",
+                                                                                         "CUDA")
+        except RuntimeError:
+            has = False
+        _STATUS["cuda-kernels"] = (has, "")
+    return _STATUS["cuda-kernels"][0]
+
+
 def _status(name: str) -> Tuple[bool, str]:
     if name not in _STATUS:
         _STATUS[name] = {"cuda": _probe_extension, "triton": _probe_triton,
@@ -105,6 +116,8 @@ def _runs_on(name: str, device_type: str) -> Tuple[bool, str]:
         return ok, why
     if name == "cuda" and device_type not in ("cuda", "cpu"):
         return False, f"the extension has kernels for cuda and cpu tensors, not {device_type}"
+    if name == "cuda" and device_type == "cuda" and not _extension_has_cuda_kernels():
+        return False, "the extension was built without its CUDA kernels (CPU-only build)"
     if name == "triton" and device_type != "cuda" and not (device_type == "cpu" and interpreting()):
         return False, (f"triton runs on cuda tensors (cpu tensors only with TRITON_INTERPRET=1), "
                        f"got {device_type} tensors")

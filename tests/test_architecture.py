@@ -204,3 +204,15 @@ def test_gradient_checkpointing_keeps_the_fused_boundaries(monkeypatch):
     torch.testing.assert_close(out, ref)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_cpu_only_extension_is_not_used_for_cuda_tensors(monkeypatch):
+    # An extension built without its CUDA kernels runs CPU tensors only: auto skips it for CUDA tensors, a forced
+    # "cuda" says why (resolution only: no CUDA tensor is needed to decide).
+    if not dispatch._status("cuda")[0]:
+        pytest.skip(pm_kernels.backends()["cuda"])
+    monkeypatch.setitem(dispatch._STATUS, "cuda-kernels", (False, ""))
+    assert dispatch._resolve("merge", "auto", "cuda", torch.float32, None, frozenset(), "x") != "cuda"
+    with pytest.raises(RuntimeError, match="without its CUDA kernels"):
+        dispatch._resolve("merge", "cuda", "cuda", torch.float32, None, frozenset(), "x")
+    assert dispatch._resolve("merge", "cuda", "cpu", torch.float32, None, frozenset(), "x") == "cuda"
