@@ -21,8 +21,10 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -c "import pm_kernels; print(pm_kernels.backends())"
 	touch $(STAMP)
 
+# Two pytest workers, one file each at a time (a file's module fixtures run once), one torch thread each:
+# the CI machine has 2 cores. `python -m pytest tests -q` runs the same tests in one process.
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile
 
 # timm's own tests/test_models.py (the installed timm's sdist, downloaded; not vendored) on one pm_* model per family;
 # `$(PY) tests/timm_suite.py --all-models` runs every pm_* model.

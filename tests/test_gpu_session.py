@@ -17,7 +17,9 @@ slow = pytest.mark.slow  # 10-20 s each: every step starts Python and imports to
 
 
 def _run(out, *args):
-    env = dict(os.environ, GPU_SESSION_ON_CPU="1", OUT=str(out), PYTHON=sys.executable)
+    # the script's own pytest runs must not think they are xdist workers (pytest-benchmark then refuses to run)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(GPU_SESSION_ON_CPU="1", OUT=str(out), PYTHON=sys.executable)
     proc = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, proc.stdout + proc.stderr
 
