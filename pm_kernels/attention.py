@@ -78,7 +78,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if backend == "triton":
         from .kernels.attention_triton import attention_bwd
         return attention_bwd(grad_out, q, k, v, out, lse, scale, score)
-    return attention_backward_reference(grad_out, q, k, v, lse, scale, score)
+    return attention_backward_reference(grad_out, q, k, v, out, lse, scale, score)
 
 
 @_attention_bwd.register_fake
