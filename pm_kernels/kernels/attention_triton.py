@@ -54,12 +54,6 @@ def _rne_bf16(x):
 
 
 @triton.jit
-def _finite_or_zero(m):
-    """m where it is finite, 0 where it is ±inf (NaN stays NaN): the shift of a log-sum-exp."""
-    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
-
-
-@triton.jit
 def _load_rows(ptr, rows, mask, stride_n, stride_d, offs_d, UPCAST: tl.constexpr):
     """The [rows, HEAD_DIM] tile of one (b, h) slice, 0 where ``mask`` is off; fp32 when UPCAST."""
     t = tl.load(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask[:, None], other=0.0)
@@ -121,16 +115,17 @@ def _attn_fwd_kernel(
         # l_i and acc are sums of exp2(s - c), c = the running max m, or 0 while m is ±inf (torch.logsumexp's
         # guard). Unguarded, a row whose first key block is all -inf gets exp2(-inf - -inf) = NaN, and a +inf
         # logit a NaN LSE instead of +inf (and the backward, which rebuilds P from it, NaN for every key).
-        c_new = _finite_or_zero(m_new)
-        alpha = tl.exp2(m_i - c_new)  # the unguarded m_i: 0 after blocks of all -inf (l_i = 0, acc = 0)
+        c_new = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)  # NaN stays NaN
+        alpha = tl.exp2(m_i - c_new)  # m_i unguarded: 0 while every key so far was -inf (l_i, acc are 0)
         p = tl.exp2(s - c_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]  # a row of all -inf logits: 0 / 0 = NaN, as in the reference
-    # Natural-log LSE of the scaled logits: -inf for a row of all -inf logits, +inf with a +inf logit.
-    lse = (_finite_or_zero(m_i) + tl.log2(l_i)) / 1.4426950408889634
+    # Natural-log LSE of the scaled logits; -inf for a row of all -inf logits (l_i = 0), +inf with a +inf
+    # logit (l_i = inf): m_i + log2(l_i) needs no guard.
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     _store_rows(O, offs_m, mask_m, stride_on, stride_od, offs_d, acc, UPCAST)
     tl.store(LSE + offs_m, lse, mask=mask_m)
 
