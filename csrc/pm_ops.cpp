@@ -22,8 +22,9 @@ namespace {
 
 // ---- CPU kernels --------------------------------------------------------------------------------
 
-// out[b, i, c] = Σ_j W[i·si + j·sj] · y[b, j, c]  (+ add[b, i, c] where keep is null or keep[i] is false)
-// W is in the accumulation type; y, add and out are contiguous (B, ·, C).
+// out[b, i, c] = Σ_j W[i·si + j·sj] · y[b, j, c]  (+ (1 − m_i) · add[b, i, c]; m_i = keep[i], 0 if keep is null)
+// W is in the accumulation type; y, add and out are contiguous (B, ·, C). The shortcut is a product, not a
+// select, so a non-finite add on a kept row gives NaN there as the reference does (docs/architecture.md).
 template <typename scalar_t, typename acc_t>
 void apply_cpu(const acc_t* W, int64_t si, int64_t sj, int64_t I, int64_t J, const scalar_t* y, int64_t B,
                int64_t C, const scalar_t* add, const bool* keep, scalar_t* out) {
@@ -39,9 +40,10 @@ void apply_cpu(const acc_t* W, int64_t si, int64_t sj, int64_t I, int64_t J, con
         for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(yr[c]);
       }
       scalar_t* o = out + r * C;
-      if (add != nullptr && (keep == nullptr || !keep[i])) {
+      if (add != nullptr) {
+        const acc_t pruned = (keep != nullptr && keep[i]) ? acc_t(0) : acc_t(1);
         const scalar_t* ar = add + r * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] + static_cast<acc_t>(ar[c]));
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c] + pruned * static_cast<acc_t>(ar[c]));
       } else {
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
       }
@@ -49,7 +51,7 @@ void apply_cpu(const acc_t* W, int64_t si, int64_t sj, int64_t I, int64_t J, con
   });
 }
 
-// out = W y (+ add ⊙ pruned rows), or Wᵀ y when `transpose`; y (B, J, C) → out (B, I, C).
+// out = W y (+ (1 − m) ⊙ add), or Wᵀ y when `transpose`; y (B, J, C) → out (B, I, C).
 at::Tensor apply_dispatch_cpu(const at::Tensor& W_in, bool transpose, const at::Tensor& y_in,
                               const at::Tensor* add_in, const at::Tensor* keep_in) {
   ApplyPlan p = plan_apply(W_in, transpose, y_in, add_in, keep_in);

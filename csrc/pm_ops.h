@@ -106,7 +106,7 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 // The matrix operand in the accumulation dtype, contiguous.
 inline at::Tensor acc_matrix(const at::Tensor& W, at::ScalarType act) { return W.to(acc_dtype(act)).contiguous(); }
 
-// Operands and sizes of out = W y (+ add on pruned rows), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
+// Operands and sizes of out = W y (+ (1 − m) ⊙ add), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
 // W is read through strides (si, sj), so Wᵀ costs no copy. Shared by the CPU and CUDA launchers.
 struct ApplyPlan {
   at::Tensor y, W, add, keep, out;

@@ -31,7 +31,8 @@ inline unsigned int grid_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
 }
 
-// out[b, i, c] = Σ_j W[i·si + j·sj] · y[b, j, c]  (+ add[b, i, c] where keep is null or keep[i] is false)
+// out[b, i, c] = Σ_j W[i·si + j·sj] · y[b, j, c]  (+ (1 − m_i) · add[b, i, c]; m_i = keep[i], 0 if keep is null)
+// The shortcut is a product, not a select: a non-finite add on a kept row gives NaN, as in the reference.
 template <typename scalar_t, typename acc_t>
 __global__ void apply_kernel(const acc_t* __restrict__ W, int64_t si, int64_t sj, int64_t I, int64_t J,
                              const scalar_t* __restrict__ y, int64_t B, int64_t C,
@@ -48,7 +49,7 @@ __global__ void apply_kernel(const acc_t* __restrict__ W, int64_t si, int64_t sj
     const acc_t* Wi = W + i * si;
     acc_t acc = 0;
     for (int64_t j = 0; j < J; ++j) acc += Wi[j * sj] * static_cast<acc_t>(yb[j * C]);
-    if (add != nullptr && (keep == nullptr || !keep[i])) acc += static_cast<acc_t>(add[idx]);
+    if (add != nullptr) acc += ((keep != nullptr && keep[i]) ? acc_t(0) : acc_t(1)) * static_cast<acc_t>(add[idx]);
     out[idx] = static_cast<scalar_t>(acc);
   }
 }
@@ -78,7 +79,7 @@ __global__ void reconstruct_merge_kernel(const scalar_t* __restrict__ z, const a
         acc_t acc = 0;
         for (int64_t k = 0; k < K; ++k) acc += Rn[k] * static_cast<acc_t>(zb[k * C]);
         const int64_t o = (b * N + n) * C + c;
-        if (!keep[n]) acc += static_cast<acc_t>(x[o]);
+        acc += (keep[n] ? acc_t(0) : acc_t(1)) * static_cast<acc_t>(x[o]);  // (1 − m) ⊙ x: a product
         const scalar_t out = static_cast<scalar_t>(acc);
         x_next[o] = out;
         v = static_cast<acc_t>(out);
@@ -101,7 +102,7 @@ __global__ void reconstruct_merge_kernel(const scalar_t* __restrict__ z, const a
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-// out = W y (+ add on pruned rows), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
+// out = W y (+ (1 − m) ⊙ add), or Wᵀ y when `transpose`: y (B, J, C) → out (B, I, C).
 at::Tensor apply_dispatch_cuda(const at::Tensor& W_in, bool transpose, const at::Tensor& y_in,
                                const at::Tensor* add_in, const at::Tensor* keep_in) {
   ApplyPlan p = plan_apply(W_in, transpose, y_in, add_in, keep_in);

@@ -34,8 +34,15 @@ def _check_inputs(q, k, v, scale, score, dropout_p):
         check_tensor("score", score, ndim=1, dtypes=(torch.float32,), shape=(n,),
                      what=f"a float32 tensor of shape ({n},) (one entry per key)")
     check_same_device(q=q, k=k, v=v, score=score)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        try:
+            ok = math.isfinite(scale) and scale > 0  # NaN fails both
+        except OverflowError:  # an int beyond the float range
+            ok = False
+        if not ok:
+            raise ValueError(f"scale: expected a finite float > 0 (or None for head_dim ** -0.5), got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
@@ -78,7 +85,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if backend == "triton":
         from .kernels.attention_triton import attention_bwd
         return attention_bwd(grad_out, q, k, v, out, lse, scale, score)
-    return attention_backward_reference(grad_out, q, k, v, lse, scale, score)
+    return attention_backward_reference(grad_out, q, k, v, out, lse, scale, score)
 
 
 @_attention_bwd.register_fake
@@ -112,10 +119,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     """softmax(q kᵀ · scale) v for q, k, v of shape (B, H, N, D); returns (B, H, N, D).
 
     score: optional float32 (N,) tensor; the backward pass **adds** Σ_{b,h,q} P[q,k]·dP[q,k] to it.
-    scale: defaults to D ** -0.5. dropout_p: attention-probability dropout (torch backend only; no score).
+    scale: finite and > 0, defaults to D ** -0.5. dropout_p: attention-probability dropout (torch backend only;
+    no score).
     backend: "auto" (Triton on CUDA tensors where it supports the input, else torch), "triton"
     (fp32/fp16/bf16, head dim 32, 64 or 128; CUDA tensors, or CPU under TRITON_INTERPRET=1) or "torch".
     q, k, v may be strided views (e.g. timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``): no copy is made.
+
+    inf / NaN in q, k, v propagate the same way on every backend (docs/architecture.md, "Non-finite input"):
+    P = exp(S − logsumexp(S)) row by row, so a +inf logit gives P = NaN at its key only (and a NaN output row),
+    a row of all −inf logits a NaN row. Exception: the torch backend without a score (SDPA) gives 0 for the
+    latter.
     """
     _check_inputs(q, k, v, scale, score, dropout_p)
     name = dispatch.select("attention", backend, q.device, q.dtype, head_dim=q.shape[-1],

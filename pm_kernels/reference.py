@@ -7,6 +7,7 @@ input checks (the public ops in ``pm_kernels.attention`` / ``pm_kernels.token_op
 Shapes: ``x`` (B, N, C) all tokens, ``z`` (B, K, C) merged tokens, ``M`` (K, N),
 ``R`` (N, K), ``keep_mask`` bool (N,) with True = kept, False = pruned.
 M and R are cast to the activation dtype, as autocast would do for a matmul.
+inf / NaN propagate as IEEE arithmetic does in these formulas; every backend follows (docs/architecture.md).
 """
 from typing import Optional, Tuple
 
@@ -36,14 +37,18 @@ def attention_forward_reference(q, k, v, scale: float) -> Tuple[torch.Tensor, to
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
-def attention_backward_reference(grad_out, q, k, v, lse, scale: float, score: Optional[torch.Tensor]):
-    """(dq, dk, dv), P recomputed from the LSE; adds Σ_{b,h,q} P ⊙ dP per key into ``score`` when given."""
+def attention_backward_reference(grad_out, q, k, v, out, lse, scale: float, score: Optional[torch.Tensor]):
+    """(dq, dk, dv), P recomputed from the LSE; adds Σ_{b,h,q} P ⊙ dP per key into ``score`` when given.
+
+    The row term of dS is Δ = rowsum(dO ⊙ O) (``out`` as the forward returned it), as FlashAttention and SDPA
+    compute it: equal to rowsum(P ⊙ dP) on finite input, and the same inf / NaN as those kernels otherwise."""
     cdt = _compute_dtype(q.dtype)
     qc, kc, vc, d_out = q.to(cdt), k.to(cdt), v.to(cdt), grad_out.to(cdt)
     probs = torch.exp((qc @ kc.transpose(-2, -1)) * scale - lse.to(cdt).unsqueeze(-1))
     d_probs = d_out @ vc.transpose(-2, -1)                                   # dP = dO Vᵀ
     d_v = probs.transpose(-2, -1) @ d_out                                    # dV = Pᵀ dO
-    d_logits = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))  # dS = P ⊙ (dP − rowsum(P ⊙ dP))
+    delta = (d_out * out.to(cdt)).sum(-1, keepdim=True)                      # Δ = rowsum(dO ⊙ O)
+    d_logits = probs * (d_probs - delta)                                     # dS = P ⊙ (dP − Δ)
     d_q = (d_logits @ kc) * scale
     d_k = (d_logits.transpose(-2, -1) @ qc) * scale
     if score is not None:
@@ -58,14 +63,14 @@ class _AttentionWithScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, score: Optional[torch.Tensor]):
         out, lse = attention_forward_reference(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.score = scale, score
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, lse = ctx.saved_tensors
-        return (*attention_backward_reference(grad_out, q, k, v, lse, ctx.scale, ctx.score), None, None)
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*attention_backward_reference(grad_out, q, k, v, out, lse, ctx.scale, ctx.score), None, None)
 
 
 def attention_reference(

@@ -7,6 +7,10 @@
 x: (B, N, C) all tokens; z: (B, K, C) merged tokens; M: (K, N); R: (N, K); keep_mask: bool (N,).
 M and R may be fp32 parameters under bf16/fp16 activations (autocast-style): they are used in x's dtype.
 
+inf / NaN propagate as IEEE arithmetic does in these formulas, the same on every backend (docs/architecture.md,
+"Non-finite input"): zero weights count (0 · inf = NaN), and (1 − m) ⊙ x is a product, not a select, so a
+non-finite x of a kept token gives NaN in x' (and in z' = M' x').
+
 The public functions check their inputs; ``run_*`` take inputs already checked (the model layer checks a
 structure once, where it changes, and x once per forward) and only dispatch.
 """
@@ -58,7 +62,9 @@ def merge(x: torch.Tensor, M: torch.Tensor, *, backend: str = "auto") -> torch.T
 
 def reconstruct(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor, *,
                 backend: str = "auto") -> torch.Tensor:
-    """x' = R @ z + (1 − keep_mask) ⊙ x (SPEC §1 reconstruct + shortcut) → (B, N, C)."""
+    """x' = R @ z + (1 − keep_mask) ⊙ x (SPEC §1 reconstruct + shortcut) → (B, N, C).
+
+    The shortcut is a product: a non-finite x of a kept token gives NaN in x' (0 · inf), as on every backend."""
     _check_reconstruct(z, R, x, keep_mask)
     check_same_device(z=z, R=R, x=x, keep_mask=keep_mask)
     return run_reconstruct(z, R, x, keep_mask, backend)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["merge", "reconstruct", "reconstruct_merge", "attention", "attention_with_grads"]
+__all__ = ["merge", "reconstruct", "reconstruct_merge", "attention", "attention_with_grads", "attention_ieee"]
 
 
 def merge(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -19,10 +19,10 @@ def merge(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct(z: torch.Tensor, R: torch.Tensor, x: torch.Tensor, keep_mask: torch.Tensor) -> torch.Tensor:
-    """x'[b, n] = Σ_k R[n, k] · z[b, k], plus x[b, n] itself for each pruned token n (keep_mask[n] False)."""
+    """x'[b, n] = Σ_k R[n, k] · z[b, k], plus x[b, n] itself for each pruned token n (keep_mask[n] False) and
+    0 · x[b, n] for each kept one: 0 for finite x, NaN where x is not (docs/architecture.md, non-finite input)."""
     spread = torch.einsum("nk,bkc->bnc", R.double(), z.double())
-    rows = [spread[:, n] if kept else spread[:, n] + x[:, n].double()
-            for n, kept in enumerate(keep_mask.tolist())]
+    rows = [spread[:, n] + (0.0 if kept else 1.0) * x[:, n].double() for n, kept in enumerate(keep_mask.tolist())]
     return torch.stack(rows, dim=1)
 
 
@@ -50,3 +50,28 @@ def attention_with_grads(q, k, v, grad_out, scale: Optional[float] = None):
     out.backward(grad_out.double())
     score = (A * A.grad).sum(dim=(0, 1, 2))
     return out.detach(), qd.grad, kd.grad, vd.grad, score.detach()
+
+
+def attention_ieee(q, k, v, grad_out, scale: float):
+    """(out, dq, dk, dv, score) as docs/architecture.md defines them for any input, inf and NaN included.
+
+    P = exp(S − L) with S = q kᵀ · scale and L the row log-sum-exp shifted by the row max where that max is
+    finite, by 0 where it is ±inf (so L = +inf with a +inf logit, −inf for a row of all −inf, NaN with a NaN);
+    the backward written out from P: dP = dO vᵀ, dS = P ⊙ (dP − Δ) with Δ = Σ_d dO ⊙ O (FlashAttention's row
+    term, equal to Σ_k P ⊙ dP on finite input), score[k] = Σ_{b,h,q} P ⊙ dP. ``attention`` above (e / Σ e)
+    agrees on finite input only: a +inf logit makes its whole row of A NaN.
+    """
+    qd, kd, vd, do = (t.detach().double() for t in (q, k, v, grad_out))
+    S = torch.einsum("bhqd,bhkd->bhqk", qd, kd) * scale
+    top = S.amax(dim=-1, keepdim=True)
+    shift = torch.where(top.isinf(), torch.zeros_like(top), top)
+    L = shift + torch.exp(S - shift).sum(dim=-1, keepdim=True).log()
+    P = torch.exp(S - L)
+    out = torch.einsum("bhqk,bhkd->bhqd", P, vd)
+    dP = torch.einsum("bhqd,bhkd->bhqk", do, vd)
+    dS = P * (dP - (do * out).sum(dim=-1, keepdim=True))
+    return (out,
+            torch.einsum("bhqk,bhkd->bhqd", dS, kd) * scale,
+            torch.einsum("bhqk,bhqd->bhkd", dS, qd) * scale,
+            torch.einsum("bhqk,bhqd->bhkd", P, do),
+            (P * dP).sum(dim=(0, 1, 2)))

@@ -49,7 +49,7 @@ def test_attention_reference_forward_backward_score(dtype):
     assert (lse.double() - want_lse).abs().max() <= max(tol, 1e-6) * want_lse.abs().max()
 
     score = torch.full((11,), 0.25)  # the reference adds into the score, it never overwrites it
-    dq, dk, dv = ref.attention_backward_reference(do, q, k, v, lse, scale, score)
+    dq, dk, dv = ref.attention_backward_reference(do, q, k, v, out, lse, scale, score)
     _, want_dq, want_dk, want_dv, want_score = formulas.attention_with_grads(q, k, v, do, scale)
     for name, got, want in (("dq", dq, want_dq), ("dk", dk, want_dk), ("dv", dv, want_dv)):
         assert got.dtype == dtype

@@ -108,19 +108,24 @@ def _attn_fwd_kernel(
         mask_n = cols < N
         k = _load_rows(K, cols, mask_n, stride_kn, stride_kd, offs_d, UPCAST)
         v = _load_rows(V, cols, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
-        # Logits in log2 units; out-of-range keys get -inf. Every key block holds at least one valid key,
-        # so m_new is finite and no exp2(-inf - -inf) = NaN can appear.
+        # Logits in log2 units; out-of-range keys get -inf.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # l_i and acc are sums of exp2(s - c), c = the running max m, or 0 while m is ±inf (torch.logsumexp's
+        # guard). Unguarded, a row whose first key block is all -inf gets exp2(-inf - -inf) = NaN, and a +inf
+        # logit a NaN LSE instead of +inf (and the backward, which rebuilds P from it, NaN for every key).
+        c_new = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)  # NaN stays NaN
+        alpha = tl.exp2(m_i - c_new)  # m_i unguarded: 0 while every key so far was -inf (l_i, acc are 0)
+        p = tl.exp2(s - c_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # natural-log LSE of the scaled logits
+    acc = acc / l_i[:, None]  # a row of all -inf logits: 0 / 0 = NaN, as in the reference
+    # Natural-log LSE of the scaled logits; -inf for a row of all -inf logits (l_i = 0), +inf with a +inf
+    # logit (l_i = inf): m_i + log2(l_i) needs no guard.
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
     _store_rows(O, offs_m, mask_m, stride_on, stride_od, offs_d, acc, UPCAST)
     tl.store(LSE + offs_m, lse, mask=mask_m)
 
@@ -201,6 +206,10 @@ def _attn_bwd_dkdv_kernel(
         dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)   # dPᵀ = V dOᵀ
         if HAS_SCORE:
+            # Padding queries add 0 to the score, not 0 · NaN (their dO rows are 0, and v · 0 = NaN where v is
+            # not finite): that key's score is ±inf where the reference's is. (Its dK needs no mask: it is NaN
+            # in the reference too.)
+            dpT = tl.where(mask_m[None, :], dpT, 0.0)
             sc += tl.sum(pT * dpT, 1)                                      # Σ_q P ⊙ dP, per key
         dsT = pT * (dpT - delta[None, :])                                  # dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)

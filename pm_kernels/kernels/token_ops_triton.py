@@ -5,7 +5,8 @@
     reconstruct_merge(z, R, x, keep_mask, M')  (x', z' = M' x')               the block boundary, fused
 
 Shapes: x (B, N, C), z (B, K, C), M (K, N), R (N, K), keep_mask bool (N,) with True = kept; m = keep_mask
-as 0/1, so (1 − m) selects the pruned tokens, which pass by the shortcut.
+as 0/1, so (1 − m) ⊙ x passes the pruned tokens by the shortcut. It is a product, not a select, and padding
+rows of a tile are kept out of every sum, so inf / NaN propagate as in the reference (docs/architecture.md).
 
 Inputs arrive validated by ``pm_kernels.token_ops``. Precision: M and R are used in x's dtype, as autocast
 would do (the reference does the same); every product is accumulated in fp32 and the outputs are written
@@ -184,12 +185,13 @@ def _reconstruct_merge_fwd_kernel(
     pruned = tl.load(pruned_ptr + offs_n, mask=mask_n, other=0.0)
     xt = tl.load(_tile(x_ptr + b * s_xb, offs_n, s_xn, offs_c, s_xc), mask=mask_nc, other=0.0)
     xn += pruned[:, None] * xt.to(tl.float32)
+    # Padding rows n ≥ N are 0 · z = NaN where z is not finite; they must be 0 for the product (2).
+    xn = tl.where(mask_n[:, None], xn, 0.0)
     # x' is an output in x's dtype; z' is computed from that same rounded x' (as the unfused ops would).
     xn_io = _round(xn, IN_DTYPE, FIX_BF16)
     tl.store(_tile(xo_ptr + b * s_yb, offs_n, s_yn, offs_c, s_yc), xn_io, mask=mask_nc)
 
-    # (2) z'[j, c] = Σ_n M_next[j, n] · x'[n, c], from the tile still in registers (x' is not re-read);
-    # its padding rows n ≥ N are 0 (masked loads above).
+    # (2) z'[j, c] = Σ_n M_next[j, n] · x'[n, c], from the tile still in registers (x' is not re-read).
     _matrix_times_registers(m_ptr, s_mj, s_mn, K2, offs_n, mask_n, xn_io.to(DOT_DTYPE), zo_ptr + b * s_ob, s_oj,
                             s_oc, offs_c, mask_c, BLOCK_J, BLOCK_C, IN_DTYPE, DOT_DTYPE, IEEE, FIX_BF16)
 
@@ -224,6 +226,8 @@ def _reconstruct_merge_bwd_kernel(
     if HAS_GX:
         gx = tl.load(_tile(gx_ptr + b * s_gb, offs_n, s_gn, offs_c, s_gc), mask=mask_nc, other=0.0)
         dxt += gx.to(tl.float32)
+    # Padding rows n ≥ N are 0 · dz' = NaN where dz' is not finite; they must be 0 for the product (3).
+    dxt = tl.where(mask_n[:, None], dxt, 0.0)
     # Rounded to x's dtype: it is the gradient of the x'-dtype tensor x' (what unfused autograd would see).
     dxt_io = _round(dxt, IN_DTYPE, FIX_BF16)
     if WRITE_DXT:

@@ -1,0 +1,184 @@
+"""Backends agree on non-finite input: inf and NaN propagate as docs/architecture.md ("Non-finite input")
+defines it, on every backend available here, against the float64 formulas of tests/formulas.py.
+
+Agreement is exact on the kind of every entry (NaN, +inf, −inf or finite); finite entries are compared with a
+relative tolerance. The shapes leave a ragged last block (N = 10 tokens under the token ops' 16-row tiles, 40
+keys under the attention kernels' 32-key blocks), where padding rows meet the non-finite values.
+"""
+import math
+
+import pytest
+import torch
+
+import formulas
+from helpers import leaf, token_op_inputs
+from pm_kernels import dispatch, token_ops
+from pm_kernels.attention import attention
+
+# The Triton interpreter computes with numpy, which warns on the inf − inf, log2(0) and NaN these inputs make.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INF, NAN = math.inf, math.nan
+FP32_TOL = 1e-4   # fp32 kernels against float64, relative to the largest finite entry
+
+
+KINDS = {"NaN": torch.isnan, "+inf": torch.isposinf, "-inf": torch.isneginf}
+
+
+def assert_same_ieee(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = FP32_TOL) -> None:
+    """NaN, +inf and −inf exactly where ``want`` has them; finite entries within ``tol`` (max-norm relative)."""
+    assert got is not None, f"{name} is missing (None)"
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    for kind, where in KINDS.items():
+        g, w = where(got), where(want)
+        assert torch.equal(g, w), (f"{name}: {kind} at {g.nonzero().tolist()[:8]} ({int(g.sum())} entries), "
+                                   f"expected at {w.nonzero().tolist()[:8]} ({int(w.sum())} entries)")
+    finite = torch.isfinite(want)
+    if finite.any():
+        err = (got[finite] - want[finite]).abs().max() / want[finite].abs().max().clamp_min(1e-30)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e} on the finite entries"
+
+
+# -------------------------------------------------------------------------------------------- token ops
+
+TOKEN_BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(not dispatch.usable(name, DEVICE),
+                                                              reason=f"backend {name} cannot run here"))
+                  for name in ("torch", "cuda", "triton")]
+
+
+def _token_inputs(case: str):
+    """Token-op inputs (fp32, B=2, N=10, K=4, K'=3, C=5) with one non-finite value planted by ``case``."""
+    t = token_op_inputs(2, 10, 4, 3, 5, torch.float32, device=DEVICE)
+    x, z, M, R, M_next, keep = (a.clone() for a in t)
+    kept, pruned = int(keep.nonzero()[1]), int((~keep).nonzero()[0])
+    if case == "x_kept_inf":        # (1 − m) ⊙ x is a product: 0 · inf = NaN at that entry of x'
+        x[0, kept, 1] = INF
+    elif case == "x_kept_nan":
+        x[1, kept, 3] = NAN
+    elif case == "x_pruned_-inf":   # passes by the shortcut: −inf in x', ±inf in z'
+        x[0, pruned, 2] = -INF
+    elif case == "z_inf":           # every x'[:, c] +inf, every z'[:, c] +inf (no padding row may turn it NaN)
+        z[0, 2, 1] = INF
+        R[:, 2] = R[:, 2].abs() + 0.1
+        M_next = M_next.abs() + 0.1
+    elif case == "R_nan":
+        R[3, 2] = NAN
+    elif case == "M_zero_x_inf":    # a zero weight times inf is NaN (no product skipped)
+        x[1, pruned, 0] = INF
+        M[0, pruned] = 0.0
+    else:
+        raise ValueError(case)
+    return x, z, M, R, M_next, keep
+
+
+TOKEN_CASES = ["x_kept_inf", "x_kept_nan", "x_pruned_-inf", "z_inf", "R_nan", "M_zero_x_inf"]
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("case", TOKEN_CASES)
+def test_token_ops_forward(case, backend):
+    x, z, M, R, M_next, keep = _token_inputs(case)
+    assert_same_ieee("merge", token_ops.merge(x, M, backend=backend), formulas.merge(x, M))
+    assert_same_ieee("reconstruct", token_ops.reconstruct(z, R, x, keep, backend=backend),
+                     formulas.reconstruct(z, R, x, keep))
+    want = formulas.reconstruct_merge(z, R, x, keep, M_next)
+    for name, g, w in zip(("x'", "z'"), token_ops.reconstruct_merge(z, R, x, keep, M_next, backend=backend), want):
+        assert_same_ieee(f"reconstruct_merge {name}", g, w)
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("case", ["dz'_inf", "dx'_nan"])
+def test_token_ops_backward_of_non_finite_gradient(case, backend):
+    # An upstream gradient with one non-finite entry, through the fused block boundary (and its padding rows).
+    x, z, M, R, M_next, keep = _token_inputs("z_inf")
+    z[0, 2, 1] = 0.5  # finite forward
+    args = [leaf(t) for t in (z, R, x, M_next)]
+    args64 = [leaf(t.double()) for t in (z, R, x, M_next)]
+    g = torch.Generator().manual_seed(1)
+    g_x, g_z = (torch.randn(2, n, 5, generator=g).to(DEVICE) for n in (10, 3))
+    if case == "dz'_inf":
+        g_z[0, 1, 1] = INF
+    else:
+        g_x[1, 4, 2] = NAN
+    za, Ra, xa, Ma = args
+    torch.autograd.backward(token_ops.reconstruct_merge(za, Ra, xa, keep, Ma, backend=backend), [g_x, g_z])
+    za, Ra, xa, Ma = args64
+    torch.autograd.backward(formulas.reconstruct_merge(za, Ra, xa, keep, Ma), [g_x.double(), g_z.double()])
+    for name, got, want in zip(("dz", "dR", "dx", "dM_next"), args, args64):
+        assert_same_ieee(name, got.grad, want.grad)
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+B, H, N, D = 1, 2, 40, 32
+SCALE = D ** -0.5
+TRITON = pytest.mark.skipif(not dispatch.usable("triton", DEVICE), reason="triton cannot run here")
+# (backend, with a score): the torch backend runs SDPA without a score and the reference custom op with one.
+ATTENTION_BACKENDS = [pytest.param("torch", False, id="torch-sdpa"), pytest.param("torch", True, id="torch-score"),
+                      pytest.param("triton", True, id="triton-score", marks=TRITON)]
+
+
+def _attention_inputs(case: str):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, generator=g) for _ in range(4))
+    if case == "k_inf":              # rows with a +inf logit: P NaN at that key only, the score NaN at 1 key
+        k[0, 0, 5, 2] = INF
+    elif case == "row_all_-inf":     # query 3 of head 0: every logit −inf, L = −inf, its row of P NaN
+        q[0, 0, 3, 0] = INF
+        k[0, 0, :, 0] = -(k[0, 0, :, 0].abs() + 0.1)
+    elif case == "first_keys_-inf":  # head 0: keys 0..32 (a whole first key block) −inf for every query,
+        q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1    # the rest finite: P = 0 there, a finite output
+        k[0, 0, :33, 0] = -INF
+    elif case == "q_nan":            # a NaN logit: L = NaN, that row of P NaN
+        q[0, 1, 7, 4] = NAN
+    elif case == "v_inf":            # dP = +inf at key 9 for every query: its score +inf (padding queries
+        v[0, 1, 9, 3] = INF          # of the last block add 0, not 0 · inf = NaN)
+        do = do.abs() + 0.1
+    elif case == "dO_inf":           # a non-finite upstream gradient (padding keys add 0 to dQ)
+        do[0, 0, 6, 1] = INF
+    else:
+        raise ValueError(case)
+    return (*(t.to(DEVICE).requires_grad_() for t in (q, k, v)), do.to(DEVICE))
+
+
+ATTENTION_CASES = ["k_inf", "row_all_-inf", "first_keys_-inf", "q_nan", "v_inf", "dO_inf"]
+
+
+@pytest.mark.parametrize("backend, with_score", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention(case, backend, with_score):
+    q, k, v, do = _attention_inputs(case)
+    score = torch.zeros(N, device=DEVICE) if with_score else None
+    out = attention(q, k, v, scale=SCALE, score=score, backend=backend)
+    out.backward(do)
+    want = formulas.attention_ieee(q, k, v, do, SCALE)
+    if case == "row_all_-inf" and not with_score:
+        # The documented exception: SDPA gives 0 for a row whose logits are all −inf (its convention for a
+        # fully masked row), and gradients that follow from it; every other row is as defined.
+        assert torch.equal(out[0, 0, 3], torch.zeros_like(out[0, 0, 3])), out[0, 0, 3]
+        assert torch.isnan(want[0][0, 0, 3]).all()
+        rows = torch.ones(H, N, dtype=torch.bool)
+        rows[0, 3] = False
+        assert_same_ieee("out (other rows)", out[0][rows], want[0][0][rows])
+        return
+    for name, got, w in zip(("out", "dq", "dk", "dv", "score"), (out, q.grad, k.grad, v.grad, score), want):
+        if name == "score" and not with_score:
+            continue
+        assert_same_ieee(name, got, w)
+    if case == "k_inf" and with_score:
+        assert torch.isnan(score).nonzero().flatten().tolist() == [5]  # one key's score, not every key's
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("scale", [NAN, INF, -INF, 0.0, -0.125, 0, 10 ** 400],
+                         ids=["nan", "inf", "-inf", "0.0", "-0.125", "int-0", "int-1e400"])
+def test_attention_rejects_scale(scale, backend):
+    q = torch.randn(1, 1, 4, 32, device=DEVICE)
+    for score in (None, torch.zeros(4, device=DEVICE)):
+        with pytest.raises(ValueError, match=r"^scale: expected a finite float > 0"):
+            attention(q, q, q, scale=scale, score=score, backend=backend)
