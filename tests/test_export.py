@@ -189,3 +189,21 @@ def test_cli_export_errors(digits_checkpoint, tmp_path, capsys, argv, message):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "error" in lines[0] and message in lines[0], err
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_export_output_rules(digits_checkpoint, tmp_path, capsys):
+    """The export command claims its output as the other commands do: a folder is refused, and the checkpoint
+    read cannot be overwritten by a companion file."""
+    (tmp_path / "pm.onnx").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", digits_checkpoint, "--quiet", "--out", str(tmp_path / "pm.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is a folder" in err, err
+    checkpoint = tmp_path / "pm.pt2.json"
+    checkpoint.write_bytes(open(digits_checkpoint, "rb").read())
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", str(checkpoint), "--quiet", "--out", str(tmp_path / "pm.pt2")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "would overwrite the input" in err, err
+    assert checkpoint.read_bytes() == before and not (tmp_path / "pm.pt2").exists()

@@ -13,6 +13,7 @@ import torch
 
 from .io import PipelineError, save_json
 from .model import load_model
+from .outputs import claim_output
 
 __all__ = ["cmd_export", "FORMAT_BY_EXTENSION"]
 
@@ -66,10 +67,17 @@ def _verify(path: str, model, batch: int, dynamic: bool, seed: int) -> Dict[int,
 
 
 def cmd_export(args, device) -> None:
-    from ..deploy import export
     fmt = _format(args)
     if args.checkpoint is None and not args.model:
         raise PipelineError("checkpoint: give --checkpoint (or --model for a freshly initialised model)")
+    # The same output rules as the other commands: checked folder, a lock against a second writer, and neither
+    # the file nor its companions may be the checkpoint read.
+    with claim_output(args.out, companions=[args.out + ".json", args.out + ".data"], inputs=[args.checkpoint]):
+        _export(args, device, fmt)
+
+
+def _export(args, device, fmt: str) -> None:
+    from ..deploy import export
     extra = {"img_size": args.img_size} if args.img_size else {}
     model, meta = load_model(args.checkpoint, args.model, extra_kwargs=extra)
     model.to(device).eval()
