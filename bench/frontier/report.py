@@ -1,0 +1,176 @@
+"""Report phase of the digits frontier: accuracy over seeds + timing → one JSON, a table and the plot.
+
+- top-1 per (method, keep): per seed, mean, sample std; GMACs (mean over seeds); images/s at batch 1 and 8
+  (PM in its inference form, ``pm_kernels.optimize``; the eager PM model is listed too), mean over the seeds'
+  structures.
+- Paired by seed, at matched GMACs: PM − ToMe, PM − EViT at each keep rate.
+- Paired by seed, **at equal speed**: each seed's PM curve (top-1 vs images/s, dense as its slow end: not
+  compressing is always an option) is interpolated linearly at each peer model's images/s; PM − peer per seed,
+  mean ± std. A peer faster than every PM model is outside PM's curve and reported as such (no extrapolation).
+"""
+import statistics
+from typing import Dict, List, Optional
+
+METHODS = ("PM", "ToMe", "EViT")
+
+
+def _ms(values: List[float]) -> Dict[str, object]:
+    return {"per_seed": values, "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _speeds(timing: Optional[dict], batches) -> Dict[tuple, Dict[int, Dict[int, float]]]:
+    """{(variant, name, keep): {batch: {seed: images/s}}}; the dense model under (baseline, dense, None)."""
+    out: Dict[tuple, Dict[int, Dict[int, float]]] = {}
+    if not timing:
+        return out
+    for e in timing["entries"]:
+        key = (e["variant"], e["name"], e["keep_rate"])
+        for b in batches:
+            out.setdefault(key, {}).setdefault(b, {})[e["seed"]] = e[f"images_per_s_b{b}"]
+    return out
+
+
+def _interp(xs: List[float], ys: List[float], x: float) -> Optional[float]:
+    pts = sorted(zip(xs, ys))
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def summarize(seed_files: List[dict], timing: Optional[dict] = None, variant_name: str = "baseline",
+              baseline_files: Optional[List[dict]] = None) -> dict:
+    """Per-keep statistics of one set of seed files (the baseline run, or a PM variant's PM rows)."""
+    batches = timing["batches"] if timing else []
+    speeds = _speeds(timing, batches)
+    seeds = [r["seed"] for r in seed_files]
+    keeps = sorted({row["keep_rate"] for r in seed_files for row in r["rows"].values() if row["keep_rate"]})
+    table = {}
+    names = ("dense",) + METHODS if variant_name == "baseline" else ("PM",)
+    for keep in [None] + keeps:
+        for method in names:
+            if (method == "dense") != (keep is None):
+                continue
+            key = method if keep is None else f"{method} keep {keep:g}"
+            rows = [r["rows"][key] for r in seed_files if key in r["rows"]]
+            if not rows:
+                continue
+            entry = {"method": method, "keep_rate": keep, "seeds": [r["seed"] for r in seed_files if key in r["rows"]],
+                     "top1": _ms([row["top1"] for row in rows]),
+                     "gmacs": statistics.mean(row["gmacs"] for row in rows)}
+            if "top1_before_finetune" in rows[0]:
+                entry["top1_before_finetune"] = _ms([row["top1_before_finetune"] for row in rows])
+            if method == "PM":
+                entry["K_per_layer_per_seed"] = [row["K_per_layer"] for row in rows]
+                entry["prune_rate"] = rows[0]["prune_rate"]
+            for name in ([method, "PM eager"] if method == "PM" and variant_name == "baseline" else [method]):
+                sp = speeds.get((variant_name if method != "dense" else "baseline", name, keep))
+                if sp:
+                    tag = "" if name == method else "_eager"
+                    for b in batches:
+                        vals = list(sp[b].values())
+                        entry[f"images_per_s_b{b}{tag}"] = statistics.mean(vals)
+                        entry[f"images_per_s_b{b}{tag}_std_over_seeds"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            table[key] = entry
+    out = {"variant": variant_name, "seeds": seeds, "keeps": keeps, "top1": table}
+    if variant_name == "baseline":
+        out["matched_gmacs"] = _paired_matched(seed_files, keeps)
+        if timing:
+            out["equal_speed"] = {f"batch {b}": _equal_speed(seed_files, seed_files, table, keeps, b, "baseline")
+                                  for b in batches}
+    elif baseline_files:
+        out["vs_baseline_PM"] = _paired_vs(seed_files, baseline_files, keeps)
+        if timing:
+            out["equal_speed"] = {f"batch {b}": _equal_speed(seed_files, baseline_files, table, keeps, b, variant_name,
+                                                             summarize(baseline_files, timing)["top1"])
+                                  for b in batches}
+    return out
+
+
+def _paired_matched(seed_files, keeps) -> dict:
+    out = {}
+    for keep in keeps:
+        k = f"keep {keep:g}"
+        for peer in ("ToMe", "EViT"):
+            diffs = [r["rows"][f"PM {k}"]["top1"] - r["rows"][f"{peer} {k}"]["top1"] for r in seed_files
+                     if f"PM {k}" in r["rows"] and f"{peer} {k}" in r["rows"]]
+            if diffs:
+                out.setdefault(k, {})[f"PM_minus_{peer}"] = _ms(diffs)
+    return out
+
+
+def _paired_vs(variant_files, baseline_files, keeps) -> dict:
+    base = {r["seed"]: r for r in baseline_files}
+    out = {}
+    for keep in keeps:
+        key = f"PM keep {keep:g}"
+        diffs = [r["rows"][key]["top1"] - base[r["seed"]]["rows"][key]["top1"] for r in variant_files
+                 if key in r["rows"] and r["seed"] in base and key in base[r["seed"]]["rows"]]
+        if diffs:
+            out[f"keep {keep:g}"] = _ms(diffs)
+    return out
+
+
+def _equal_speed(pm_files, peer_files, pm_table, keeps, batch, variant, peer_table=None) -> dict:
+    """PM (or a variant) − peer at the peer's images/s, per seed, along each seed's PM curve."""
+    peer_table = pm_table if peer_table is None else peer_table
+    col = f"images_per_s_b{batch}"
+    dense = (peer_table.get("dense") or {}).get(col)
+    pm_keeps = [k for k in keeps if col in pm_table.get(f"PM keep {k:g}", {})]
+    xs = [pm_table[f"PM keep {k:g}"][col] for k in pm_keeps] + ([dense] if dense else [])
+    peers_by_seed = {r["seed"]: r for r in peer_files}
+    out = {}
+    for peer in ("ToMe", "EViT"):
+        for keep in sorted({k for r in peer_files for k in [row["keep_rate"] for row in r["rows"].values()
+                                                             if row["method"] == peer]}):
+            pkey = f"{peer} keep {keep:g}"
+            speed = peer_table.get(pkey, {}).get(col)
+            if speed is None:
+                continue
+            diffs = []
+            for r in pm_files:
+                peer_row = peers_by_seed.get(r["seed"], {}).get("rows", {}).get(pkey)
+                if peer_row is None or not all(f"PM keep {k:g}" in r["rows"] for k in pm_keeps):
+                    continue
+                ys = [r["rows"][f"PM keep {k:g}"]["top1"] for k in pm_keeps]
+                if dense:
+                    ys.append(peers_by_seed[r["seed"]]["rows"]["dense"]["top1"])
+                pm_at = _interp(xs, ys, speed)
+                if pm_at is not None:
+                    diffs.append(pm_at - peer_row["top1"])
+            entry = {"peer_images_per_s": speed, "pm_speed_range": [min(xs), max(xs)] if xs else None}
+            if diffs:
+                entry.update(_ms(diffs))
+            else:
+                entry["outside"] = "faster than every PM model: no PM point at this speed"
+            out[pkey] = entry
+    return out
+
+
+def format_summary(s: dict, batch: int = 8) -> str:
+    col = f"images_per_s_b{batch}"
+    lines = [f"{s['variant']}: seeds {s['seeds']}",
+             f"{'model':<16}{'GMACs':>9}{'img/s b' + str(batch):>11}{'top-1':>8}{'std':>6}   before FT"]
+    for key, e in s["top1"].items():
+        sp = e.get(col)
+        bf = e.get("top1_before_finetune")
+        lines.append(f"{key:<16}{e['gmacs']:>9.5f}{(f'{sp:.0f}' if sp else '-'):>11}{e['top1']['mean']:>8.2f}"
+                     f"{e['top1']['std']:>6.2f}   {bf['mean']:.2f}" if bf else
+                     f"{key:<16}{e['gmacs']:>9.5f}{(f'{sp:.0f}' if sp else '-'):>11}{e['top1']['mean']:>8.2f}"
+                     f"{e['top1']['std']:>6.2f}")
+    for k, v in s.get("matched_gmacs", {}).items():
+        lines.append(f"matched GMACs, {k}: " + ", ".join(f"{n.replace('_', ' ')} {d['mean']:+.2f} ± {d['std']:.2f}"
+                                                          for n, d in v.items()))
+    for k, v in s.get("vs_baseline_PM", {}).items():
+        lines.append(f"vs baseline PM, {k}: {v['mean']:+.2f} ± {v['std']:.2f} (paired, {v['n']} seeds)")
+    es = s.get("equal_speed", {}).get(f"batch {batch}", {})
+    for k, v in es.items():
+        if "mean" in v:
+            lines.append(f"equal speed (batch {batch}), PM − {k} at {v['peer_images_per_s']:.0f} img/s: "
+                         f"{v['mean']:+.2f} ± {v['std']:.2f}")
+        else:
+            lines.append(f"equal speed (batch {batch}), {k} at {v['peer_images_per_s']:.0f} img/s: {v['outside']}")
+    return "\n".join(lines)
