@@ -13,6 +13,7 @@ from . import flop_count  # noqa: F401  (FLOP formulas for the attention ops, af
 from . import dispatch as _dispatch
 from .dispatch import backends
 from .block import fused_block
+from .budget import budget_keep_rate
 from .calibrate import calibrate
 from .compress import compress
 from .patch import PMAttention, PMBlock, is_patched, patch_timm, set_backend
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 sys.modules.setdefault(__name__ + ".backends", _dispatch)
 
 __all__ = [
-    "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
+    "attention", "backends", "budget_keep_rate", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
     "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock", "reconstruct",
     "reconstruct_merge", "search_structure", "set_backend",
 ]
