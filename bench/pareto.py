@@ -10,6 +10,8 @@ Three phases, each its own command, merged into one JSON:
     nohup nice -n 15 python bench/pareto.py accuracy --seeds 0-4 > pareto_accuracy.log 2>&1 &
     #    PM variants (structure search / M, R fine-tuning), PM rows only, same dense models and scores:
     nice -n 15 python bench/pareto.py accuracy --seeds 0-4 --variant prune0.2 --keeps 0.3,0.4,0.5
+    #    cheap filter for structure variants (top-1 right after compress, no fine-tuning):
+    python bench/pareto.py screen --seeds 0-4
     # 2. timing (short; interleaved; records the load; re-run it alone at a quiet moment)
     python bench/pareto.py timing
     # 3. report: bench/results/pareto_digits_CPU.json + .png (and _variants.png)
@@ -90,6 +92,23 @@ def cmd_timing(args) -> None:
           f"{timing['loadavg_after'][0]:.2f} after{'; UNDER LOAD' if timing['under_load'] else ''})")
 
 
+def cmd_screen(args) -> dict:
+    from bench.frontier.screen import format_screen, screen
+    torch.set_num_threads(args.threads)
+    keeps = tuple(float(k) for k in args.keeps.split(",")) if args.keeps else KEEP_RATES
+    names = args.variants.split(",") if args.variants else None
+    result = screen(_seeds(args.seeds), keeps, args.work, names, log=lambda m: print(m, flush=True))
+    text = format_screen(result)
+    print(text)
+    path = os.path.join(args.results, "screen.json")
+    with open(path, "w") as f:
+        json.dump({"command": "python bench/pareto.py " + " ".join(sys.argv[1:]), "seeds": _seeds(args.seeds),
+                   "what": "top-1 right after compress (no fine-tuning), mean over seeds; a filter only",
+                   "variants": result, "table": text}, f, indent=1)
+    print(f"wrote {path}")
+    return result
+
+
 def cmd_report(args) -> dict:
     base = load_seed_files(args.results)
     if not base:
@@ -132,6 +151,12 @@ def main(argv=None):
     tim = sub.add_parser("timing", help="interleaved images/s of every model, batch 1 and 8")
     rep = sub.add_parser("report", help="merge into one JSON + plot")
     allp = sub.add_parser("all", help="accuracy, timing, report")
+    scr = sub.add_parser("screen", help="structure variants: top-1 before fine-tuning (seconds per model)")
+    scr.add_argument("--seeds", default="0-4")
+    scr.add_argument("--keeps", default=None)
+    scr.add_argument("--variants", default=None, help="comma list (default: every structure variant)")
+    scr.add_argument("--work", default=os.path.join("/tmp", "pm_pareto_digits"))
+    scr.add_argument("--threads", type=int, default=1)
     for q in (acc, allp):
         q.add_argument("--seeds", default="0-4")
         q.add_argument("--keeps", default=None, help=f"comma list (default {','.join(map(str, KEEP_RATES))})")
@@ -153,6 +178,8 @@ def main(argv=None):
         cmd_accuracy(args)
     if args.phase in ("timing", "all"):
         cmd_timing(args)
+    if args.phase == "screen":
+        return cmd_screen(args)
     if args.phase in ("report", "all"):
         return cmd_report(args)
 

@@ -98,6 +98,12 @@ def test_phases_end_to_end(tmp_path, monkeypatch):
     tome = seed0["rows"]["ToMe keep 0.5"]
     assert abs(tome["gmacs"] - pm["gmacs"]) / pm["gmacs"] < 0.03
 
+    screened = pareto.main(base + ["screen", "--seeds", "0-1", "--keeps", "0.5", "--work", work,
+                                   "--variants", "baseline,per_layer"])
+    assert screened["baseline"]["keep 0.5"]["top1"] == [json.load(open(os.path.join(results, f"seed{s}.json")))[
+        "rows"]["PM keep 0.5"]["top1_before_finetune"] for s in (0, 1)]       # same model as the accuracy phase
+    assert screened["per_layer"]["keep 0.5"]["K"][0] == [33] * 4
+
     pareto.main(base + ["timing", "--rounds", "1", "--min-time", "0.005"])
     timing = json.load(open(os.path.join(results, "timing_CPU.json")))
     # dense + per seed, keep: PM eager, PM, ToMe, EViT; the variant's PM (one keep, two seeds)

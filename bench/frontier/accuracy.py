@@ -87,7 +87,8 @@ def dense_and_scores(seed: int, work: str, calib_iters: int, log=print):
     else:
         loader = make_loader(data.train, rc["demo"].batch_size, train=True, seed=seed + 1)
         scores = calibrate(dense_pm, cycle_batches(loader, calib_iters))
-        torch.save(scores, scores_path)
+        torch.save(scores, scores_path + ".tmp")
+        os.replace(scores_path + ".tmp", scores_path)     # two runs may share the work folder
     return dense_pm, scores, data
 
 

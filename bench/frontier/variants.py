@@ -55,6 +55,8 @@ VARIANTS: Dict[str, PMVariant] = {v.name: v for v in [
     PMVariant("prune_quarter", prune_rate="quarter_of_dropped", note="prune = (1 - keep) / 4"),
     PMVariant("dd0", depth_discount=0.0, note="no depth discount"),
     PMVariant("dd0.1", depth_discount=0.1, note="steeper depth discount (deep layers keep fewer)"),
+    PMVariant("dd0.2", depth_discount=0.2, note="steeper still: layer factors 1, 0.8, 0.6, 0.4 for 4 blocks"),
+    PMVariant("dd0.3", depth_discount=0.3, note="layer factors 1, 0.7, 0.4, 0.1 for 4 blocks"),
     PMVariant("calib5", calib_iters=5),
     PMVariant("calib100", calib_iters=100),
     PMVariant("norm_l1", score_norm="l1"),
@@ -70,9 +72,12 @@ VARIANTS: Dict[str, PMVariant] = {v.name: v for v in [
 
 
 def prune_rate_for(variant: PMVariant, keep: float) -> float:
+    """The variant's prune rate at this keep rate, capped at 1 − keep (SPEC §4 needs keep + prune <= 1)."""
     if isinstance(variant.prune_rate, str):
-        return float(PRUNE_FUNCTIONS[variant.prune_rate](keep))
-    return float(variant.prune_rate)
+        rate = float(PRUNE_FUNCTIONS[variant.prune_rate](keep))
+    else:
+        rate = float(variant.prune_rate)
+    return min(rate, round(1.0 - keep, 12))
 
 
 def _normalise(s: torch.Tensor, how: str) -> torch.Tensor:
