@@ -125,7 +125,8 @@ def cmd_report(args) -> dict:
               "accuracy_runs": {r["seed"]: r["runs"] for r in base},
               "timing": {k: v for k, v in (timing or {}).items() if k != "entries"} if timing else None,
               "frontier": summary, "variants": variants}
-    text = [format_summary(summary, b) for b in ((timing or {}).get("batches") or [8])]
+    kinds = ["wall", "cpu"] if timing and timing["device"] == "cpu" else ["wall"]
+    text = [format_summary(summary, b, k) for k in kinds for b in ((timing or {}).get("batches") or [8])]
     text += [format_summary(v) for v in variants.values()]
     result["table"] = "\n\n".join(text)
     print(result["table"])
@@ -134,7 +135,7 @@ def cmd_report(args) -> dict:
     from bench.frontier.plot import plot_frontier, plot_variants
     png = os.path.splitext(args.out)[0] + ".png"
     if timing:
-        plot_frontier(result, png)
+        plot_frontier(result, png, args.speed)
         if variants:
             plot_variants(result, os.path.splitext(args.out)[0] + "_variants.png")
     print(f"wrote {args.out}" + (f" and {png}" if timing else " (no timing yet: no plot)"))
@@ -173,6 +174,8 @@ def main(argv=None):
         q.add_argument("--threads", type=int, default=1)
     for q in (rep, allp):
         q.add_argument("--out", default=OUT)
+        q.add_argument("--speed", choices=("wall", "cpu"), default="wall",
+                       help="plot's x axis: wall-clock images/s, or images per CPU second (load-robust)")
     args = p.parse_args(argv)
     if args.phase in ("accuracy", "all"):
         cmd_accuracy(args)

@@ -109,12 +109,15 @@ def test_phases_end_to_end(tmp_path, monkeypatch):
     # dense + per seed, keep: PM eager, PM, ToMe, EViT; the variant's PM (one keep, two seeds)
     assert len(timing["entries"]) == 1 + 2 * 4 + 2
     assert all(e["images_per_s_b1"] > 0 and e["images_per_s_b8"] > 0 for e in timing["entries"])
+    # one thread: CPU time cannot be (much) less than wall time, so images per CPU second >= images/s
+    assert all(e["images_per_cpu_s_b8"] >= 0.9 * e["images_per_s_b8"] for e in timing["entries"])
     out = str(tmp_path / "p.json")
     result = pareto.main(base + ["report", "--out", out])
     front = result["frontier"]
     assert front["top1"]["PM keep 0.5"]["top1"]["n"] == 2
     assert set(front["matched_gmacs"]["keep 0.5"]) == {"PM_minus_ToMe", "PM_minus_EViT"}
     assert "ToMe keep 0.5" in front["equal_speed"]["batch 8"]
+    assert "EViT keep 0.5" in front["equal_speed_cpu_time"]["batch 1"]
     assert result["variants"]["mr_lr10"]["vs_baseline_PM"]["keep 0.5"]["n"] == 2
     assert os.path.getsize(str(tmp_path / "p.png")) > 1000 and os.path.getsize(str(tmp_path / "p_variants.png")) > 1000
 

@@ -9,7 +9,8 @@ def _curve(table, method, col):
     return rows
 
 
-def plot_frontier(result: dict, path: str) -> None:
+def plot_frontier(result: dict, path: str, kind: str = "wall") -> None:
+    """``kind``: "wall" (images/s) or "cpu" (images per CPU second of the one-thread timing process)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -18,7 +19,7 @@ def plot_frontier(result: dict, path: str) -> None:
     batches = timing["batches"]
     fig, axes = plt.subplots(1, len(batches), figsize=(6.0 * len(batches), 4.8), dpi=130, squeeze=False)
     for ax, b in zip(axes[0], sorted(batches, reverse=True)):
-        col = f"images_per_s_b{b}"
+        col = f"{'images_per_s' if kind == 'wall' else 'images_per_cpu_s'}_b{b}"
         for method, (fmt, color, label) in STYLES.items():
             rows = _curve(table, method, col)
             if not rows:
@@ -37,7 +38,8 @@ def plot_frontier(result: dict, path: str) -> None:
         if dense and col in dense:
             ax.errorbar([dense[col]], [dense["top1"]["mean"]], yerr=[dense["top1"]["std"]], fmt="*", ms=12,
                         color="C3", label=f"dense ({dense['top1']['mean']:.2f})", capsize=2)
-        ax.set_xlabel(f"images/s, batch {b} ({timing['device'].upper()}, {timing['threads']} thread(s))")
+        unit = "images/s (wall clock)" if kind == "wall" else "images per CPU second (load-robust)"
+        ax.set_xlabel(f"{unit}, batch {b} ({timing['device'].upper()}, {timing['threads']} thread(s))")
         ax.set_ylabel(f"top-1 % (mean ± std over {len(result['frontier']['seeds'])} seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")

@@ -19,15 +19,21 @@ def _ms(values: List[float]) -> Dict[str, object]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def _speeds(timing: Optional[dict], batches) -> Dict[tuple, Dict[int, Dict[int, float]]]:
-    """{(variant, name, keep): {batch: {seed: images/s}}}; the dense model under (baseline, dense, None)."""
-    out: Dict[tuple, Dict[int, Dict[int, float]]] = {}
+# wall clock, and per CPU second of the (one-thread) timing process: the load-robust figure
+SPEED_KINDS = {"wall": "images_per_s", "cpu": "images_per_cpu_s"}
+
+
+def _speeds(timing: Optional[dict], batches) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+    """{(variant, name, keep): {column: {seed: rate}}} for every rate column (``images_per_s_b8``, ...)."""
+    out: Dict[tuple, Dict[str, Dict[int, float]]] = {}
     if not timing:
         return out
     for e in timing["entries"]:
         key = (e["variant"], e["name"], e["keep_rate"])
         for b in batches:
-            out.setdefault(key, {}).setdefault(b, {})[e["seed"]] = e[f"images_per_s_b{b}"]
+            for prefix in SPEED_KINDS.values():
+                if f"{prefix}_b{b}" in e:
+                    out.setdefault(key, {}).setdefault(f"{prefix}_b{b}", {})[e["seed"]] = e[f"{prefix}_b{b}"]
     return out
 
 
@@ -68,25 +74,24 @@ def summarize(seed_files: List[dict], timing: Optional[dict] = None, variant_nam
                 entry["prune_rate"] = rows[0]["prune_rate"]
             for name in ([method, "PM eager"] if method == "PM" and variant_name == "baseline" else [method]):
                 sp = speeds.get((variant_name if method != "dense" else "baseline", name, keep))
-                if sp:
-                    tag = "" if name == method else "_eager"
-                    for b in batches:
-                        vals = list(sp[b].values())
-                        entry[f"images_per_s_b{b}{tag}"] = statistics.mean(vals)
-                        entry[f"images_per_s_b{b}{tag}_std_over_seeds"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                tag = "" if name == method else "_eager"
+                for col, per_seed in (sp or {}).items():
+                    vals = list(per_seed.values())
+                    entry[f"{col}{tag}"] = statistics.mean(vals)
+                    entry[f"{col}{tag}_std_over_seeds"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
             table[key] = entry
     out = {"variant": variant_name, "seeds": seeds, "keeps": keeps, "top1": table}
     if variant_name == "baseline":
         out["matched_gmacs"] = _paired_matched(seed_files, keeps)
-        if timing:
-            out["equal_speed"] = {f"batch {b}": _equal_speed(seed_files, seed_files, table, keeps, b, "baseline")
-                                  for b in batches}
+        peer_files, peer_table = seed_files, None
     elif baseline_files:
         out["vs_baseline_PM"] = _paired_vs(seed_files, baseline_files, keeps)
-        if timing:
-            out["equal_speed"] = {f"batch {b}": _equal_speed(seed_files, baseline_files, table, keeps, b, variant_name,
-                                                             summarize(baseline_files, timing)["top1"])
-                                  for b in batches}
+        peer_files, peer_table = baseline_files, (summarize(baseline_files, timing)["top1"] if timing else None)
+    if timing and (variant_name == "baseline" or baseline_files):
+        for kind, prefix in SPEED_KINDS.items():
+            name = "equal_speed" if kind == "wall" else "equal_speed_cpu_time"
+            out[name] = {f"batch {b}": _equal_speed(seed_files, peer_files, table, keeps, f"{prefix}_b{b}", peer_table)
+                         for b in batches}
     return out
 
 
@@ -114,10 +119,9 @@ def _paired_vs(variant_files, baseline_files, keeps) -> dict:
     return out
 
 
-def _equal_speed(pm_files, peer_files, pm_table, keeps, batch, variant, peer_table=None) -> dict:
-    """PM (or a variant) − peer at the peer's images/s, per seed, along each seed's PM curve."""
+def _equal_speed(pm_files, peer_files, pm_table, keeps, col, peer_table=None) -> dict:
+    """PM (or a variant) − peer at the peer's rate ``col``, per seed, along each seed's PM curve."""
     peer_table = pm_table if peer_table is None else peer_table
-    col = f"images_per_s_b{batch}"
     dense = (peer_table.get("dense") or {}).get(col)
     pm_keeps = [k for k in keeps if col in pm_table.get(f"PM keep {k:g}", {})]
     xs = [pm_table[f"PM keep {k:g}"][col] for k in pm_keeps] + ([dense] if dense else [])
@@ -150,27 +154,26 @@ def _equal_speed(pm_files, peer_files, pm_table, keeps, batch, variant, peer_tab
     return out
 
 
-def format_summary(s: dict, batch: int = 8) -> str:
-    col = f"images_per_s_b{batch}"
+def format_summary(s: dict, batch: int = 8, kind: str = "wall") -> str:
+    col = f"{SPEED_KINDS[kind]}_b{batch}"
+    unit = "img/s" if kind == "wall" else "img/cpu-s"
     lines = [f"{s['variant']}: seeds {s['seeds']}",
-             f"{'model':<16}{'GMACs':>9}{'img/s b' + str(batch):>11}{'top-1':>8}{'std':>6}   before FT"]
+             f"{'model':<16}{'GMACs':>9}{unit + ' b' + str(batch):>13}{'top-1':>8}{'std':>6}   before FT"]
     for key, e in s["top1"].items():
         sp = e.get(col)
         bf = e.get("top1_before_finetune")
-        lines.append(f"{key:<16}{e['gmacs']:>9.5f}{(f'{sp:.0f}' if sp else '-'):>11}{e['top1']['mean']:>8.2f}"
-                     f"{e['top1']['std']:>6.2f}   {bf['mean']:.2f}" if bf else
-                     f"{key:<16}{e['gmacs']:>9.5f}{(f'{sp:.0f}' if sp else '-'):>11}{e['top1']['mean']:>8.2f}"
-                     f"{e['top1']['std']:>6.2f}")
+        lines.append(f"{key:<16}{e['gmacs']:>9.5f}{(f'{sp:.0f}' if sp else '-'):>13}{e['top1']['mean']:>8.2f}"
+                     f"{e['top1']['std']:>6.2f}" + (f"   {bf['mean']:.2f}" if bf else ""))
     for k, v in s.get("matched_gmacs", {}).items():
         lines.append(f"matched GMACs, {k}: " + ", ".join(f"{n.replace('_', ' ')} {d['mean']:+.2f} ± {d['std']:.2f}"
                                                           for n, d in v.items()))
     for k, v in s.get("vs_baseline_PM", {}).items():
         lines.append(f"vs baseline PM, {k}: {v['mean']:+.2f} ± {v['std']:.2f} (paired, {v['n']} seeds)")
-    es = s.get("equal_speed", {}).get(f"batch {batch}", {})
+    es = s.get("equal_speed" if kind == "wall" else "equal_speed_cpu_time", {}).get(f"batch {batch}", {})
     for k, v in es.items():
         if "mean" in v:
-            lines.append(f"equal speed (batch {batch}), PM − {k} at {v['peer_images_per_s']:.0f} img/s: "
+            lines.append(f"equal speed (batch {batch}), PM − {k} at {v['peer_images_per_s']:.0f} {unit}: "
                          f"{v['mean']:+.2f} ± {v['std']:.2f}")
         else:
-            lines.append(f"equal speed (batch {batch}), {k} at {v['peer_images_per_s']:.0f} img/s: {v['outside']}")
+            lines.append(f"equal speed (batch {batch}), {k} at {v['peer_images_per_s']:.0f} {unit}: {v['outside']}")
     return "\n".join(lines)

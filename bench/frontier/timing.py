@@ -19,7 +19,6 @@ import torch
 from bench.peers import patch_evit, patch_tome
 from bench.peers_digits import INPUT, cpu_name
 from pm_kernels import LayerStructure, optimize, patch_timm
-from pm_kernels.pipeline.evaluate import throughput
 from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model
 
 __all__ = ["build_timed_models", "time_models", "run_timing", "UNDER_LOAD"]
@@ -72,15 +71,38 @@ def build_timed_models(seed_files: List[dict], variant_files: Dict[str, List[dic
     return out
 
 
+@torch.no_grad()
+def _rates(model, x: torch.Tensor, warmup: int, min_time: float, sync) -> Tuple[float, float]:
+    """(images per wall-clock second, images per CPU second of this process) of no-grad forwards of ``x``."""
+    for _ in range(warmup):
+        model(x)
+    sync()
+    n, w0, c0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        model(x)
+        n += 1
+        sync()
+        wall = time.perf_counter() - w0
+        if wall >= min_time:
+            break
+    cpu = max(time.process_time() - c0, 1e-9)
+    return n * x.shape[0] / wall, n * x.shape[0] / cpu
+
+
 def time_models(models: List[torch.nn.Module], batches: Sequence[int], rounds: int, min_time: float,
-                device: str = "cpu") -> Dict[int, List[List[float]]]:
-    """{batch: per model, images/s of each round}; each round times every model once per batch size."""
-    runs = {b: [[] for _ in models] for b in batches}
+                device: str = "cpu") -> Dict[str, Dict[int, List[List[float]]]]:
+    """{"wall" | "cpu": {batch: per model, the rate of each round}}; each round times every model once per
+    batch size. "cpu" divides by the process's CPU time: with one thread it is what the wall clock would
+    read on an idle core, so it is the load-robust figure on a shared machine (a GPU run: wall only)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    inputs = {b: torch.randn(b, *INPUT, device=device) for b in batches}
+    runs = {kind: {b: [[] for _ in models] for b in batches} for kind in ("wall", "cpu")}
     for rnd in range(rounds):
         for i, m in enumerate(models):
             for b in batches:
-                runs[b][i].append(throughput(m, INPUT, b, device, warmup=3 if rnd == 0 else 1, repeats=1,
-                                             min_time=min_time))
+                wall, cpu = _rates(m, inputs[b], 3 if rnd == 0 else 1, min_time, sync)
+                runs["wall"][b][i].append(wall)
+                runs["cpu"][b][i].append(cpu)
     return runs
 
 
@@ -107,8 +129,10 @@ def run_timing(seed_files, variant_files, batches=(1, 8), rounds: int = 5, min_t
     for i, (lab, _) in enumerate(labelled):
         entry = dict(lab)
         for b in batches:
-            entry[f"images_per_s_b{b}"] = statistics.median(runs[b][i])
-            entry[f"images_per_s_b{b}_runs"] = runs[b][i]
+            entry[f"images_per_s_b{b}"] = statistics.median(runs["wall"][b][i])
+            entry[f"images_per_s_b{b}_runs"] = runs["wall"][b][i]
+            if device == "cpu":
+                entry[f"images_per_cpu_s_b{b}"] = statistics.median(runs["cpu"][b][i])
         entries.append(entry)
     # the timing itself adds about 1 to the load average
     under = load_before[0] > UNDER_LOAD or load_after[0] > 1.0 + UNDER_LOAD
@@ -120,5 +144,7 @@ def run_timing(seed_files, variant_files, batches=(1, 8), rounds: int = 5, min_t
             "under_load_rule": f"1-minute load average > {UNDER_LOAD} before timing or > {1 + UNDER_LOAD} after "
                                "(the timing adds about 1): other work shared the cores",
             "how": "no-grad forwards of a random batch, random weights (speed depends on the structure only); "
-                   "each round times every model once per batch size; median over rounds",
+                   "each round times every model once per batch size; median over rounds. images_per_s: wall "
+                   "clock; images_per_cpu_s: per CPU second of the timing process (one thread: the wall-clock "
+                   "rate of an idle core, robust to other work on the machine)",
             "entries": entries}
