@@ -68,6 +68,9 @@ VARIANTS: Dict[str, PMVariant] = {v.name: v for v in [
     PMVariant("mr_lr10", mr_lr_mult=10.0),
     PMVariant("mr_lr0.3", mr_lr_mult=0.3),
     PMVariant("mr_warmup", mr_warmup_iters=40, note="M and R's lr warms up over the first epoch"),
+    PMVariant("mr_lr30", mr_lr_mult=30.0),
+    PMVariant("mr_lr10_prune_half", prune_rate="half_of_dropped", mr_lr_mult=10.0,
+              note="the two best single changes of the keep 0.3 / 0.4 screening together"),
 ]}
 
 
