@@ -32,7 +32,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from bench.frontier.accuracy import KEEP_RATES, load_seed_files, run_seed  # noqa: E402
-from bench.frontier.report import format_summary, summarize  # noqa: E402
+from bench.frontier.report import format_markdown, format_summary, summarize  # noqa: E402
 from bench.frontier.timing import run_timing  # noqa: E402
 from bench.frontier.variants import BASELINE, VARIANTS  # noqa: E402
 
@@ -129,6 +129,8 @@ def cmd_report(args) -> dict:
     text = [format_summary(summary, b, k) for k in kinds for b in ((timing or {}).get("batches") or [8])]
     text += [format_summary(v) for v in variants.values()]
     result["table"] = "\n\n".join(text)
+    result["markdown"] = {f"{k} b{b}": format_markdown(summary, b, k) for k in kinds
+                          for b in ((timing or {}).get("batches") or [8])}
     print(result["table"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

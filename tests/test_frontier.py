@@ -135,6 +135,10 @@ def test_equal_speed_statistics():
         return out
     seed_files = files([(90, 96), (92, 98)], [(93, 95), (95, 97)])
     entries = [{"variant": "baseline", "name": "dense", "keep_rate": None, "seed": None, "images_per_s_b8": 100.0}]
+    slow = {"variant": "baseline", "name": "EViT", "keep_rate": 0.4, "images_per_s_b8": 90.0}   # slower than dense
+    entries += [dict(slow, seed=0), dict(slow, seed=1)]
+    for f, t in zip(seed_files, (97.0, 100.0)):
+        f["rows"]["EViT keep 0.4"] = {"method": "EViT", "keep_rate": 0.4, "top1": t, "gmacs": 0.4}
     for seed in (0, 1):
         entries += [{"variant": "baseline", "name": "PM", "keep_rate": 0.4, "seed": seed, "images_per_s_b8": 300.0},
                     {"variant": "baseline", "name": "PM", "keep_rate": 0.6, "seed": seed, "images_per_s_b8": 200.0},
@@ -143,6 +147,13 @@ def test_equal_speed_statistics():
     s = summarize(seed_files, {"batches": [8], "entries": entries})
     assert s["matched_gmacs"]["keep 0.4"]["PM_minus_ToMe"]["per_seed"] == [-3, -3]
     es = s["equal_speed"]["batch 8"]
-    # ToMe 0.4 at 250 img/s: PM halfway between keep 0.6 (200) and 0.4 (300): seed 0 93 − 93, seed 1 95 − 95
-    assert es["ToMe keep 0.4"]["per_seed"] == pytest.approx([0.0, 0.0])
+    # ToMe 0.4 at 250 img/s: the nearest PM model not slower is keep 0.4 (300): 90 − 93, 92 − 95; along the
+    # curve, halfway between keep 0.6 (200) and 0.4 (300): 93 − 93, 95 − 95
+    assert es["ToMe keep 0.4"]["pm_match"] == "PM keep 0.4"
+    assert es["ToMe keep 0.4"]["per_seed"] == pytest.approx([-3.0, -3.0])
+    assert es["ToMe keep 0.4"]["interpolated"]["per_seed"] == pytest.approx([0.0, 0.0])
     assert "outside" in es["ToMe keep 0.6"]     # faster than every PM model
+    # EViT slower than every PM model: its counterpart is the slowest PM model, keep 0.6 (96 − 97, 98 − 100);
+    # the dense model (not fine-tuned) is not a point of PM's curve
+    assert es["EViT keep 0.4"]["pm_match"] == "PM keep 0.6" and es["EViT keep 0.4"]["per_seed"] == [-1.0, -2.0]
+    assert "interpolated" not in es["EViT keep 0.4"]
