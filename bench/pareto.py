@@ -32,7 +32,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from bench.frontier.accuracy import KEEP_RATES, load_seed_files, run_seed  # noqa: E402
-from bench.frontier.report import format_markdown, format_summary, summarize  # noqa: E402
+from bench.frontier.report import format_markdown, format_summary, format_variant_markdown, summarize  # noqa: E402
 from bench.frontier.timing import run_timing  # noqa: E402
 from bench.frontier.variants import BASELINE, VARIANTS  # noqa: E402
 
@@ -129,15 +129,17 @@ def cmd_report(args) -> dict:
     text = [format_summary(summary, b, k) for k in kinds for b in ((timing or {}).get("batches") or [8])]
     text += [format_summary(v) for v in variants.values()]
     result["table"] = "\n\n".join(text)
-    result["markdown"] = {f"{k} b{b}": format_markdown(summary, b, k) for k in kinds
-                          for b in ((timing or {}).get("batches") or [8])}
+    batches = (timing or {}).get("batches") or [8]
+    result["markdown"] = {f"{k} b{b}": format_markdown(summary, b, k) for k in kinds for b in batches}
+    result["markdown_variants"] = {f"{n} {k} b{b}": format_variant_markdown(v, b, k) for n, v in variants.items()
+                                   for k in kinds for b in batches}
     print(result["table"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     from bench.frontier.plot import plot_frontier, plot_variants
     png = os.path.splitext(args.out)[0] + ".png"
     if timing:
-        plot_frontier(result, png, args.speed)
+        plot_frontier(result, png, args.speed, [v for v in args.plot_variants.split(",") if v])
         if variants:
             plot_variants(result, os.path.splitext(args.out)[0] + "_variants.png")
     print(f"wrote {args.out}" + (f" and {png}" if timing else " (no timing yet: no plot)"))
@@ -178,6 +180,7 @@ def main(argv=None):
         q.add_argument("--out", default=OUT)
         q.add_argument("--speed", choices=("wall", "cpu"), default="wall",
                        help="plot's x axis: wall-clock images/s, or images per CPU second (load-robust)")
+        q.add_argument("--plot-variants", default="", help="PM variants to draw on the frontier plot too")
     args = p.parse_args(argv)
     if args.phase in ("accuracy", "all"):
         cmd_accuracy(args)

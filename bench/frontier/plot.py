@@ -9,8 +9,9 @@ def _curve(table, method, col):
     return rows
 
 
-def plot_frontier(result: dict, path: str, kind: str = "wall") -> None:
-    """``kind``: "wall" (images/s) or "cpu" (images per CPU second of the one-thread timing process)."""
+def plot_frontier(result: dict, path: str, kind: str = "wall", variants=()) -> None:
+    """``kind``: "wall" (images/s) or "cpu" (images per CPU second of the one-thread timing process);
+    ``variants``: PM variants drawn as extra curves (when timed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -30,6 +31,12 @@ def plot_frontier(result: dict, path: str, kind: str = "wall") -> None:
             for e in rows:
                 ax.annotate(f"{e['keep_rate']:g}", (e[col], e["top1"]["mean"]), textcoords="offset points",
                             xytext=(3, {"PM": 5, "ToMe": -10, "EViT": 8}[method]), fontsize=6, color=color)
+        for i, name in enumerate(variants):
+            rows = _curve(result["variants"].get(name, {}).get("top1", {}), "PM", col)
+            if rows:
+                ax.errorbar([e[col] for e in rows], [e["top1"]["mean"] for e in rows],
+                            yerr=[e["top1"]["std"] for e in rows], fmt="s--", color=f"C{9 - i}", capsize=2, lw=1.2,
+                            ms=4, label=f"PM, variant {name}")
         eager = _curve(table, "PM", f"{col}_eager")
         if eager:
             ax.plot([e[f"{col}_eager"] for e in eager], [e["top1"]["mean"] for e in eager], ":", color="C0",

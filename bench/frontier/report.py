@@ -228,3 +228,26 @@ def format_markdown(s: dict, batch: int = 8, kind: str = "wall") -> str:
         lines.append(f"| dense | {d['gmacs'] * 1e3:.2f} | {d.get(col, 0):.0f} | {d['top1']['mean']:.2f} ± "
                      f"{d['top1']['std']:.2f} | | | | |")
     return "\n".join(lines)
+
+
+def format_variant_markdown(v: dict, batch: int = 8, kind: str = "wall") -> str:
+    """One PM variant: top-1, paired change against the baseline PM, and against the peers at equal speed."""
+    es = v.get("equal_speed" if kind == "wall" else "equal_speed_cpu_time", {}).get(f"batch {batch}", {})
+    lines = [f"| keep | top-1 PM {v['variant']} | − baseline PM, paired | − ToMe, equal speed | − EViT, equal speed |",
+             "|---" * 5 + "|"]
+
+    def diff(entry):
+        if not entry:
+            return "–"
+        if "mean" not in entry:
+            return "no PM model this fast"
+        match = f" ({entry['pm_match'].replace('PM keep ', 'PM ')})" if "pm_match" in entry else ""
+        return f"{entry['mean']:+.2f} ± {entry['std']:.2f}{match}"
+    for keep in v["keeps"]:
+        e = v["top1"].get(f"PM keep {keep:g}")
+        if not e:
+            continue
+        lines.append(f"| {keep:g} | {e['top1']['mean']:.2f} ± {e['top1']['std']:.2f} "
+                     f"| {diff(v.get('vs_baseline_PM', {}).get(f'keep {keep:g}'))} "
+                     f"| {diff(es.get(f'ToMe keep {keep:g}'))} | {diff(es.get(f'EViT keep {keep:g}'))} |")
+    return "\n".join(lines)
