@@ -27,7 +27,7 @@ def plot_frontier(result: dict, path: str, kind: str = "wall", variants=()) -> N
                 continue
             ax.errorbar([e[col] for e in rows], [e["top1"]["mean"] for e in rows],
                         yerr=[e["top1"]["std"] for e in rows], xerr=[e[f"{col}_std_over_seeds"] for e in rows],
-                        fmt=fmt, color=color, label=label, capsize=2, lw=1.2, ms=4)
+                        fmt=fmt, color=color, label=label, capsize=2, lw=1.2, ms=4, elinewidth=0.7, alpha=0.9)
             for e in rows:
                 ax.annotate(f"{e['keep_rate']:g}", (e[col], e["top1"]["mean"]), textcoords="offset points",
                             xytext=(3, {"PM": 5, "ToMe": -10, "EViT": 8}[method]), fontsize=6, color=color)
@@ -36,7 +36,7 @@ def plot_frontier(result: dict, path: str, kind: str = "wall", variants=()) -> N
             if rows:
                 ax.errorbar([e[col] for e in rows], [e["top1"]["mean"] for e in rows],
                             yerr=[e["top1"]["std"] for e in rows], fmt="s--", color=f"C{9 - i}", capsize=2, lw=1.2,
-                            ms=4, label=f"PM, variant {name}")
+                            ms=4, elinewidth=0.7, alpha=0.9, label=f"PM, variant {name}")
         eager = _curve(table, "PM", f"{col}_eager")
         if eager:
             ax.plot([e[f"{col}_eager"] for e in eager], [e["top1"]["mean"] for e in eager], ":", color="C0",
