@@ -34,7 +34,7 @@ if _ROOT not in sys.path:
 from bench.frontier.accuracy import KEEP_RATES, load_seed_files, run_seed  # noqa: E402
 from bench.frontier.report import format_markdown, format_summary, format_variant_markdown, summarize  # noqa: E402
 from bench.frontier.timing import run_timing  # noqa: E402
-from bench.frontier.variants import BASELINE, VARIANTS  # noqa: E402
+from bench.frontier.variants import BASELINE, VARIANTS, timed_as  # noqa: E402
 
 RESULTS = os.path.join(_ROOT, "bench", "results", "pareto_digits")
 OUT = os.path.join(_ROOT, "bench", "results", "pareto_digits_CPU.json")
@@ -78,8 +78,9 @@ def cmd_accuracy(args) -> None:
 
 
 def cmd_timing(args) -> None:
-    names = _present_variants(args.results) if args.variants == "all" else \
-        [n for n in args.variants.split(",") if n and n != "none"]
+    # variants that only change M and R's fine-tuning have the baseline's structures: not timed again
+    names = [n for n in _present_variants(args.results) if timed_as(VARIANTS[n]) == n] if args.variants == "all" \
+        else [n for n in args.variants.split(",") if n and n != "none"]
     timing = run_timing(load_seed_files(args.results), _variant_files(args.results, names),
                         batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds,
                         min_time=args.min_time, threads=args.threads, device=args.device,
@@ -116,8 +117,10 @@ def cmd_report(args) -> dict:
     timing_path = os.path.join(args.results, f"timing_{args.device.upper()}.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else None
     summary = summarize(base, timing)
-    variants = {n: summarize(fs, timing if any(e["variant"] == n for e in (timing or {}).get("entries", [])) else None,
-                             n, base) for n, fs in _variant_files(args.results, _present_variants(args.results)).items()}
+    timed = {e["variant"] for e in (timing or {}).get("entries", [])}
+    variants = {n: summarize(fs, timing if timed_as(VARIANTS[n]) in timed else None, n, base,
+                             timed_as=timed_as(VARIANTS[n]))
+                for n, fs in _variant_files(args.results, _present_variants(args.results)).items()}
     result = {"command": "python bench/pareto.py " + " ".join(sys.argv[1:]),
               "what": __doc__.split("\n\n")[0], "n_test": base[0]["n_test"],
               "recipe": base[0]["finetune_config"], "dense_recipe": base[0]["dense_config"],

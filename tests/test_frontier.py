@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench import pareto  # noqa: E402
 from bench.frontier import accuracy as acc  # noqa: E402
 from bench.frontier.report import _interp, summarize  # noqa: E402
-from bench.frontier.variants import VARIANTS, finetune_pm, variant_structure  # noqa: E402
+from bench.frontier.variants import VARIANTS, finetune_pm, timed_as, variant_structure  # noqa: E402
 from pm_kernels import compress, search_structure  # noqa: E402
 from pm_kernels.pipeline.data import load_data  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
@@ -71,6 +71,12 @@ def test_variant_structures():
     assert sum(int(s.pruned.sum()) for s in half) == int(64 * 0.3) * 4   # prune = (1 - 0.4) / 2
 
 
+def test_timed_as():
+    assert timed_as(VARIANTS["mr_lr10"]) == timed_as(VARIANTS["mr_warmup"]) == "baseline"   # same structures
+    assert timed_as(VARIANTS["mr_lr10_prune_half"]) == "mr_lr10_prune_half"
+    assert timed_as(VARIANTS["calib100"]) == "calib100" and timed_as(VARIANTS["dd0.2"]) == "dd0.2"
+
+
 def test_interp():
     assert _interp([1, 3], [10, 30], 2) == pytest.approx(20)
     assert _interp([3, 1], [30, 10], 1.5) == pytest.approx(15)
@@ -106,8 +112,8 @@ def test_phases_end_to_end(tmp_path, monkeypatch):
 
     pareto.main(base + ["timing", "--rounds", "1", "--min-time", "0.005"])
     timing = json.load(open(os.path.join(results, "timing_CPU.json")))
-    # dense + per seed, keep: PM eager, PM, ToMe, EViT; the variant's PM (one keep, two seeds)
-    assert len(timing["entries"]) == 1 + 2 * 4 + 2
+    # dense + per seed, keep: PM eager, PM, ToMe, EViT; mr_lr10 has the baseline's structures: not timed again
+    assert len(timing["entries"]) == 1 + 2 * 4
     assert all(e["images_per_s_b1"] > 0 and e["images_per_s_b8"] > 0 for e in timing["entries"])
     # one thread: CPU time cannot be (much) less than wall time, so images per CPU second >= images/s
     assert all(e["images_per_cpu_s_b8"] >= 0.9 * e["images_per_s_b8"] for e in timing["entries"])
@@ -118,7 +124,10 @@ def test_phases_end_to_end(tmp_path, monkeypatch):
     assert set(front["matched_gmacs"]["keep 0.5"]) == {"PM_minus_ToMe", "PM_minus_EViT"}
     assert "ToMe keep 0.5" in front["equal_speed"]["batch 8"]
     assert "EViT keep 0.5" in front["equal_speed_cpu_time"]["batch 1"]
-    assert result["variants"]["mr_lr10"]["vs_baseline_PM"]["keep 0.5"]["n"] == 2
+    mr = result["variants"]["mr_lr10"]
+    assert mr["vs_baseline_PM"]["keep 0.5"]["n"] == 2
+    assert mr["top1"]["PM keep 0.5"]["images_per_s_b8"] == front["top1"]["PM keep 0.5"]["images_per_s_b8"]
+    assert "ToMe keep 0.5" in mr["equal_speed"]["batch 8"]
     assert os.path.getsize(str(tmp_path / "p.png")) > 1000 and os.path.getsize(str(tmp_path / "p_variants.png")) > 1000
 
 

@@ -48,8 +48,12 @@ def _interp(xs: List[float], ys: List[float], x: float) -> Optional[float]:
 
 
 def summarize(seed_files: List[dict], timing: Optional[dict] = None, variant_name: str = "baseline",
-              baseline_files: Optional[List[dict]] = None) -> dict:
-    """Per-keep statistics of one set of seed files (the baseline run, or a PM variant's PM rows)."""
+              baseline_files: Optional[List[dict]] = None, timed_as: Optional[str] = None) -> dict:
+    """Per-keep statistics of one set of seed files (the baseline run, or a PM variant's PM rows).
+
+    ``timed_as``: the variant whose timing entries hold this one's speeds (the baseline's for a variant that
+    only changes M and R's fine-tuning: same structures)."""
+    timed_as = timed_as or variant_name
     batches = timing["batches"] if timing else []
     speeds = _speeds(timing, batches)
     seeds = [r["seed"] for r in seed_files]
@@ -73,7 +77,7 @@ def summarize(seed_files: List[dict], timing: Optional[dict] = None, variant_nam
                 entry["K_per_layer_per_seed"] = [row["K_per_layer"] for row in rows]
                 entry["prune_rate"] = rows[0]["prune_rate"]
             for name in ([method, "PM eager"] if method == "PM" and variant_name == "baseline" else [method]):
-                sp = speeds.get((variant_name if method != "dense" else "baseline", name, keep))
+                sp = speeds.get((timed_as if method != "dense" else "baseline", name, keep))
                 tag = "" if name == method else "_eager"
                 for col, per_seed in (sp or {}).items():
                     vals = list(per_seed.values())
@@ -233,8 +237,8 @@ def format_markdown(s: dict, batch: int = 8, kind: str = "wall") -> str:
 def format_variant_markdown(v: dict, batch: int = 8, kind: str = "wall") -> str:
     """One PM variant: top-1, paired change against the baseline PM, and against the peers at equal speed."""
     es = v.get("equal_speed" if kind == "wall" else "equal_speed_cpu_time", {}).get(f"batch {batch}", {})
-    lines = [f"| keep | top-1 PM {v['variant']} | − baseline PM, paired | − ToMe, equal speed | − EViT, equal speed |",
-             "|---" * 5 + "|"]
+    lines = [f"| keep | seeds | top-1 PM {v['variant']} | − baseline PM, paired | − ToMe, equal speed "
+             f"| − EViT, equal speed |", "|---" * 6 + "|"]
 
     def diff(entry):
         if not entry:
@@ -247,7 +251,7 @@ def format_variant_markdown(v: dict, batch: int = 8, kind: str = "wall") -> str:
         e = v["top1"].get(f"PM keep {keep:g}")
         if not e:
             continue
-        lines.append(f"| {keep:g} | {e['top1']['mean']:.2f} ± {e['top1']['std']:.2f} "
+        lines.append(f"| {keep:g} | {e['top1']['n']} | {e['top1']['mean']:.2f} ± {e['top1']['std']:.2f} "
                      f"| {diff(v.get('vs_baseline_PM', {}).get(f'keep {keep:g}'))} "
                      f"| {diff(es.get(f'ToMe keep {keep:g}'))} | {diff(es.get(f'EViT keep {keep:g}'))} |")
     return "\n".join(lines)

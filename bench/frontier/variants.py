@@ -18,7 +18,8 @@ from pm_kernels import LayerStructure, search_structure
 from pm_kernels.pipeline.data import make_loader
 from pm_kernels.pipeline.finetune import DistillationLoss, TrainConfig, _lr_at, param_groups
 
-__all__ = ["PMVariant", "VARIANTS", "BASELINE", "prune_rate_for", "variant_structure", "finetune_pm"]
+__all__ = ["PMVariant", "VARIANTS", "BASELINE", "prune_rate_for", "variant_structure", "finetune_pm",
+           "timed_as"]
 
 # prune rate as a function of the keep rate (name -> f(keep))
 PRUNE_FUNCTIONS: Dict[str, Callable[[float], float]] = {
@@ -72,6 +73,14 @@ VARIANTS: Dict[str, PMVariant] = {v.name: v for v in [
     PMVariant("mr_lr10_prune_half", prune_rate="half_of_dropped", mr_lr_mult=10.0,
               note="the two best single changes of the keep 0.3 / 0.4 screening together"),
 ]}
+
+
+def timed_as(variant: PMVariant) -> str:
+    """The variant whose timing entries give this variant's speed: a variant that changes only how M and R are
+    fine-tuned has the baseline's structure (same scores, same search), hence the baseline's speed."""
+    structural = ("prune_rate", "depth_discount", "calib_iters", "score_norm")
+    same = all(getattr(variant, f) == getattr(BASELINE, f) for f in structural)
+    return BASELINE.name if same else variant.name
 
 
 def prune_rate_for(variant: PMVariant, keep: float) -> float:
