@@ -124,7 +124,8 @@ def cmd_report(args) -> dict:
     result = {"command": "python bench/pareto.py " + " ".join(sys.argv[1:]),
               "what": __doc__.split("\n\n")[0], "n_test": base[0]["n_test"],
               "recipe": base[0]["finetune_config"], "dense_recipe": base[0]["dense_config"],
-              "evit_locations": next(r["evit_locations"] for r in base[0]["rows"].values() if r["method"] == "EViT"),
+              "evit_locations": next((r["evit_locations"] for r in base[0]["rows"].values()
+                                      if r["method"] == "EViT"), None),     # None: a PM-only run (held-out seeds)
               "accuracy_runs": {r["seed"]: r["runs"] for r in base},
               "timing": {k: v for k, v in (timing or {}).items() if k != "entries"} if timing else None,
               "frontier": summary, "variants": variants}

@@ -15,7 +15,7 @@ from bench.frontier.report import _interp, summarize  # noqa: E402
 from bench.frontier.variants import VARIANTS, finetune_pm, timed_as, variant_structure  # noqa: E402
 from pm_kernels import compress, search_structure  # noqa: E402
 from pm_kernels.pipeline.data import load_data  # noqa: E402
-from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
+from pm_kernels.pipeline.finetune import TrainConfig, param_groups, train  # noqa: E402
 from pm_kernels.pipeline.model import DIGITS_VIT, build_model  # noqa: E402
 
 
@@ -54,6 +54,25 @@ def test_finetune_pm_defaults_follow_train():
     c = copy.deepcopy(pm)
     finetune_pm(c, data, cfg, teacher, mr_lr_mult=10.0)
     assert not torch.allclose(c.blocks[0].M, a.blocks[0].M)          # M and R's own lr changes the result
+    # the library's opt-in (TrainConfig.mr_lr_mult) trains the measured variant mr_lr10
+    d = copy.deepcopy(pm)
+    train(d, data, TrainConfig(**dict(cfg.__dict__, mr_lr_mult=10.0)), teacher=teacher, device="cpu")
+    for (name, pc), (_, pd) in zip(c.named_parameters(), d.named_parameters()):
+        torch.testing.assert_close(pc, pd, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_mr_lr_mult_groups_and_bad_values():
+    model = build_model(DIGITS_VIT, dict(depth=2))
+    default = param_groups(model, 1e-4, 1e-3)
+    assert len(default) == 2                                          # SPEC §5: one lr, M and R in the decay group
+    groups = param_groups(model, 1e-4, 1e-3, mr_lr_mult=10)
+    mr = {id(b.M) for b in model.blocks} | {id(b.R) for b in model.blocks}
+    assert {id(p) for p in groups[2]["params"]} == mr and groups[2]["lr"] == pytest.approx(1e-3)
+    assert not mr & {id(p) for p in groups[0]["params"] + groups[1]["params"]}
+    assert groups[2]["weight_decay"] == groups[0]["weight_decay"] == 1e-3
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="mr_lr_mult"):
+            param_groups(model, 1e-4, 1e-3, mr_lr_mult=bad)
 
 
 def test_variant_structures():

@@ -156,7 +156,8 @@ def run_seed(seed: int, results_dir: str, work: str, keeps=KEEP_RATES, variant: 
             result = json.load(f)
         same_variant = {k: v for k, v in result["variant"].items() if k != "note"} == \
             {k: v for k, v in variant.to_dict().items() if k != "note"}
-        if result["finetune_config"] != ft_cfg.__dict__ or not same_variant:
+        stored = dict(TrainConfig().__dict__, **result["finetune_config"])   # fields added since: at default
+        if stored != ft_cfg.__dict__ or not same_variant:
             raise ValueError(f"{path}: written with another recipe or variant; move it away to start over")
     else:
         result = {"seed": seed, "variant": variant.to_dict(), "finetune_config": ft_cfg.__dict__,
