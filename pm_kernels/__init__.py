@@ -12,6 +12,7 @@ from .attention import attention  # also registers its FLOP formulas with torch.
 from . import dispatch as _dispatch
 from .dispatch import backends
 from .block import fused_block
+from .budget import budget_keep_rate
 from .calibrate import calibrate
 from .compress import compress
 from .layers import PMAttention, PMBlock, PMBlocks
@@ -32,8 +33,9 @@ _warn_if_build_failed()  # one warning when setup.py recorded that building pm_k
 sys.modules.setdefault(__name__ + ".backends", _dispatch)
 
 __all__ = [
-    "attention", "backends", "build_merge_matrix", "calibrate", "compress", "export", "fused_block",
-    "init_reconstruct", "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm",
-    "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock", "PMVisionTransformer", "reconstruct",
+    "attention", "backends", "budget_keep_rate", "build_merge_matrix", "calibrate", "compress", "export",
+    "fused_block", "init_reconstruct", "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM",
+    "patch_timm", "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock",
+    "PMVisionTransformer", "reconstruct",
     "reconstruct_merge", "search_structure", "set_backend",
 ]

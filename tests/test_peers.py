@@ -99,12 +99,12 @@ def test_tome_merge_is_size_weighted_and_protects_cls():
 
 
 def test_tome_merges_the_most_similar_pair():
-    # tokens after CLS alternate A, B, A, B; A token 3 is B token 4's twin: that pair goes first.
+    # official split: A = CLS, 2, 4; B = 1, 3 (tests/test_tome_split.py); A token 4 is B token 3's twin.
     metric = torch.tensor([[[1., 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]])
     x = torch.arange(5.).view(1, 5, 1)
     y, s = merge_wavg(bipartite_soft_matching(metric, r=1), x, None)
-    # out: CLS, unmerged A (token 1), B tokens (2, 4 merged with 3)
-    torch.testing.assert_close(y.flatten(), torch.tensor([0., 1., 2., 3.5]))
+    # out: CLS, unmerged A (token 2), B tokens (1, 3 merged with 4)
+    torch.testing.assert_close(y.flatten(), torch.tensor([0., 2., 1., 3.5]))
     torch.testing.assert_close(s.flatten(), torch.tensor([1., 1., 1., 2.]))
 
 

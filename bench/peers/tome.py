@@ -3,9 +3,11 @@
 In every block, between the attention and the MLP, ToMe merges ``r`` tokens:
 
 1. similarity metric: the attention keys averaged over heads, ``k̄ ∈ R^{n × head_dim}``, cosine-normalised;
-2. bipartite soft matching: the CLS token is protected (never merged, stays at position 0); the other
-   tokens alternate into sets A and B; every A token finds its most similar B token; the ``r`` A tokens
-   with the highest such similarity are merged into their B match;
+2. bipartite soft matching, split as in the official code (facebookresearch/ToMe, ``tome/merge.py``): all
+   tokens, CLS included, alternate into sets A (positions 0, 2, 4, ...) and B (1, 3, 5, ...); the CLS
+   token (in A) is protected by a similarity of −inf, so it is never merged and stays at position 0; every
+   A token finds its most similar B token; the ``r`` A tokens with the highest such similarity are merged
+   into their B match;
 3. merging is a size-weighted average, and each token carries its size ``s`` (how many patches it stands
    for), so later merges stay true averages;
 4. proportional attention: ``softmax(q kᵀ / √d + log s)`` so a merged token counts as many keys.
@@ -40,34 +42,41 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 1
     """Plan of one ToMe step on ``metric`` (B, n, c): returns ``merge(x, reduce)`` mapping (B, n, C) to
     (B, n − r, C), or None when nothing is merged.
 
-    The first ``protect_first`` tokens (CLS, registers) are protected: they pass through untouched and stay
-    in front. The others alternate into A (1st, 3rd, ...) and B (2nd, 4th, ...); each A token picks its most
-    similar B token; the ``r`` best-matched A tokens are merged into their B partners. Output order: the
-    protected tokens, the unmerged A tokens in their original order, then all B tokens.
+    The split follows the official ToMe: every token, the protected ones included, alternates into A
+    (positions 0, 2, 4, ...) and B (1, 3, 5, ...). The first ``protect_first`` tokens (CLS; a distillation
+    token at position 1; registers) are protected: a protected A token's similarities are −inf (it is never
+    merged away), a protected B token's are −inf too (nothing merges into it), as the official code does for
+    the class and distillation tokens. Each A token picks its most similar B token; the ``r`` best-matched A
+    tokens are merged into their B partners. Output order: the protected tokens in their original order,
+    the unmerged A tokens in their original order, then the other B tokens.
     """
     p = protect_first
     n = metric.shape[1]
     r = min(r, (n - p) // 2)
     if r <= 0:
         return None
+    p_a, p_b = (p + 1) // 2, p // 2                          # protected tokens in A (even) and B (odd)
     with torch.no_grad():
-        metric = metric[:, p:]
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)                     # (B, nA, nB) cosine similarity
+        scores[:, :p_a, :] = -math.inf
+        scores[:, :, :p_b] = -math.inf
         best_val, best_dst = scores.max(dim=-1)              # each A token's best B partner
         order = best_val.argsort(dim=-1, descending=True)
-        src_idx = order[:, :r]                               # A tokens merged away
-        unm_idx = order[:, r:].sort(dim=-1).values           # kept A tokens, original order
+        src_idx = order[:, :r]                               # A tokens merged away (never a protected one)
+        unm_idx = order[:, r:].sort(dim=-1).values           # kept A tokens, original order: protected first
         dst_idx = best_dst.gather(1, src_idx)
 
     def merge(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         c = x.shape[-1]
-        xa, xb = x[:, p::2], x[:, p + 1::2]
+        xa, xb = x[:, ::2], x[:, 1::2]
         unm = xa.gather(1, unm_idx[..., None].expand(-1, -1, c))
         src = xa.gather(1, src_idx[..., None].expand(-1, -1, c))
         xb = xb.scatter_reduce(1, dst_idx[..., None].expand(-1, -1, c), src, reduce=reduce)
-        return torch.cat([x[:, :p], unm, xb], dim=1)
+        # protected tokens back in front, in their original order (A, B, A, ...)
+        prefix = [unm[:, i // 2:i // 2 + 1] if i % 2 == 0 else xb[:, i // 2:i // 2 + 1] for i in range(p)]
+        return torch.cat(prefix + [unm[:, p_a:], xb[:, p_b:]], dim=1)
 
     return merge
 
