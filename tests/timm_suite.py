@@ -87,7 +87,7 @@ def _outcomes(junit: pathlib.Path):
     import xml.etree.ElementTree as ET
     out = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
-        match = re.search(r"\[([^\]-]+)", case.get("name", ""))
+        match = re.search(r"[\[-](pm_[A-Za-z0-9_]+)", case.get("name", ""))  # ids like [1-pm_deit_tiny_patch16_224]
         if not match:
             continue
         counts = out.setdefault(match.group(1), dict(passed=0, skipped_size=0, skipped=0, failed=0))
