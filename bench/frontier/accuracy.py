@@ -22,6 +22,7 @@ from bench.peers import default_locations, dense_flops, dims_from_model, match_e
 from bench.peers.flops import pm_flops, pm_token_counts
 from bench.peers_digits import INPUT, plain_vit
 from pm_kernels import calibrate, optimize, patch_timm
+from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.data import cycle_batches, load_data, make_loader
 from pm_kernels.pipeline.demo import DemoConfig
 from pm_kernels.pipeline.evaluate import accuracy, gflops
@@ -95,7 +96,7 @@ def dense_and_scores(seed: int, work: str, calib_iters: int, log=print):
 def _pm_row(dense_pm, scores, keep, variant, data, ft_cfg, teacher, test_loader) -> dict:
     pm = copy.deepcopy(dense_pm)
     structure = variant_structure(scores, keep, variant)
-    patch_timm(pm, structure=structure, scores=scores)
+    install_structure(patch_timm(pm), structure, scores)
     pm.eval()
     before = accuracy(pm, test_loader, "cpu")
     t = time.perf_counter()

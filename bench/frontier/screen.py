@@ -8,6 +8,7 @@ from typing import Dict, Sequence
 
 from bench.peers.flops import pm_flops
 from pm_kernels import patch_timm
+from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.data import make_loader
 from pm_kernels.pipeline.evaluate import accuracy
 
@@ -33,7 +34,7 @@ def screen(seeds: Sequence[int], keeps: Sequence[float], work: str, names=None, 
             for keep in keeps:
                 pm = copy.deepcopy(dense_pm)
                 st = variant_structure(scores, keep, v)
-                patch_timm(pm, structure=st, scores=scores)
+                install_structure(patch_timm(pm), st, scores)
                 entry = out.setdefault(name, {}).setdefault(f"keep {keep:g}", {"top1": [], "gmacs": [], "K": []})
                 entry["top1"].append(accuracy(pm.eval(), loader, "cpu"))
                 entry["gmacs"].append(pm_flops(pm))

@@ -19,6 +19,7 @@ import torch
 from bench.peers import patch_evit, patch_tome
 from bench.peers_digits import INPUT, cpu_name
 from pm_kernels import LayerStructure, optimize, patch_timm
+from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model
 
 __all__ = ["build_timed_models", "time_models", "run_timing", "UNDER_LOAD"]
@@ -41,7 +42,9 @@ def rebuild(row: dict, dense) -> Dict[str, torch.nn.Module]:
         n = scores.shape[1]
         structure = [LayerStructure(pruned=_mask(p, n), centres=_mask(c, n)) for p, c in zip(st["pruned"], st["centres"])]
         torch.manual_seed(0)
-        pm = patch_timm(build_model(DIGITS_VIT, {}), structure=structure, scores=scores).eval()
+        pm = patch_timm(build_model(DIGITS_VIT, {}))
+        install_structure(pm, structure, scores)
+        pm.eval()
         return {"PM eager": pm, "PM": optimize(pm)}
     if row["method"] == "ToMe":
         return {"ToMe": patch_tome(copy.deepcopy(dense), row["r_schedule"]).eval()}
