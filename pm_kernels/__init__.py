@@ -19,6 +19,7 @@ from .eva import PMEvaAttention, PMEvaBlock
 from .patch import PMEva, PMVisionTransformer, is_patched, patch_timm, set_backend
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import OptimizedPM, optimize
+from .segmenter import OptimizedSegmenter, Segmenter, pixel_cross_entropy, pixel_distillation, sliding_window
 from .token_ops import merge, reconstruct, reconstruct_merge
 
 from ._version import __version__  # set there only: pyproject.toml reads the same line
@@ -34,5 +35,6 @@ __all__ = [
     "attention", "backends", "build_merge_matrix", "calibrate", "compress", "fused_block", "init_reconstruct",
     "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM", "patch_timm", "PMAttention", "PMBlock",
     "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock", "PMVisionTransformer", "reconstruct",
-    "reconstruct_merge", "search_structure", "set_backend",
+    "reconstruct_merge", "search_structure", "set_backend", "Segmenter", "OptimizedSegmenter", "sliding_window",
+    "pixel_cross_entropy", "pixel_distillation",
 ]
