@@ -7,6 +7,7 @@
     pm-kernels evaluate   --dense dense.pth --checkpoint pm_ft.pth [more.pth ...] --out-dir runs/eval
     pm-kernels visualize  --checkpoint pm_ft.pth --out structure.png
     pm-kernels demo       [--out runs/demo] [--quick]
+    pm-kernels demo --task segmentation [--out runs/seg_demo] [--quick]     (Segmenter, every subcommand takes --task)
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
 ``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
@@ -133,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False, model=False)
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
     p.add_argument("--quick", action="store_true", help="reduced budget (tests)")
-    p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4")
+    p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4 (segmentation: "
+                   "0.8 0.7 0.5)")
+    from .pipeline.seg_cli import add_task_args  # --task segmentation and its options, on every subcommand
+    for name, command_parser in sub.choices.items():
+        add_task_args(name, command_parser)
     return parser
 
 
@@ -159,10 +164,11 @@ def _setup(args):
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``pm-kernels``; returns 0 or raises ``SystemExit`` with a non-zero status."""
     args = build_parser().parse_args(argv)
-    from .pipeline import commands
     from .pipeline.io import PipelineError
+    from .pipeline.seg_cli import commands_for
     start = time.perf_counter()
     try:
+        commands = commands_for(args)  # classification or segmentation (--task)
         device = _setup(args)
         getattr(commands, "cmd_" + args.command)(args, device)
     except PipelineError as err:

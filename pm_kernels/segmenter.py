@@ -128,6 +128,11 @@ class Segmenter(nn.Module):
         self.decoder = (MaskTransformerDecoder(dim, num_classes, depth=decoder_depth, dropout=dropout)
                         if decoder == "mask" else LinearDecoder(dim, num_classes))
 
+    def no_weight_decay(self):
+        """Parameters AdamW leaves undecayed: the backbone's (pos_embed, cls_token, ...) and the class embeddings."""
+        names = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {"backbone." + n for n in names} | {"decoder.class_embed"}
+
     @property
     def patch_size(self) -> Tuple[int, int]:
         return tuple(self.backbone.patch_embed.patch_size)

@@ -2,8 +2,8 @@
 
 ``digits`` (with ``--task segmentation``): canvases built from scikit-learn's 1,797 real 8×8 digit scans.
 The scans are split once (stratified 75 / 25, fixed seed) into training and validation scans; each canvas
-(64×64 grey by default) gets 2 to 4 scans drawn from its split, each upsampled (bilinear) to a random size of
-14 to 26 pixels and placed at a random position (later digits are drawn over earlier ones). Every pixel is
+(48×48 grey by default) gets 2 to 4 scans drawn from its split, each upsampled (bilinear) to a random size of
+12 to 22 pixels and placed at a random position (later digits are drawn over earlier ones). Every pixel is
 labelled with its digit's class (1 + digit) where that scan has ink (upsampled intensity > 0.3 of full scale),
 else background (0): 11 classes. Canvases come from a fixed generator: the same seed, the same task, whatever
 the run's seed (runs differ by their training seed, on the same data).
@@ -48,10 +48,11 @@ class DigitsSegmentation(Dataset):
 
 
 def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen: torch.Generator,
-              min_digits: int = 2, max_digits: int = 4, min_side: int = 14, max_side: int = 26):
+              min_digits: int = 2, max_digits: int = 4, min_side: int = 12, max_side: int = 22):
     images = torch.zeros(n, 1, size, size)
     labels = torch.zeros(n, size, size, dtype=torch.long)
     max_side = min(max_side, size)
+    min_side = min(min_side, max_side)
     resized = {side: F.interpolate(scans[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
                for side in range(min_side, max_side + 1)}  # every scan at every size, once
     for i in range(n):
@@ -68,13 +69,13 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
     return images * 2.0 - 1.0, labels
 
 
-def digits_segmentation(img_size: int = 64, n_train: int = 1200, n_val: int = 300, data_seed: int = 0) -> DataBundle:
+def digits_segmentation(img_size: int = 48, n_train: int = 1200, n_val: int = 300, data_seed: int = 0) -> DataBundle:
     """The embedded task (see the module docstring): fixed split and canvases for a given ``data_seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if img_size < 26:
-        raise PipelineError(f"img size {img_size}: the digits-segmentation canvases need at least 26 pixels")
+    if img_size < 16:
+        raise PipelineError(f"img size {img_size}: the digits-segmentation canvases need at least 16 pixels")
     X, y = load_digits(return_X_y=True)
     scans = torch.tensor(X, dtype=torch.float32).view(-1, 8, 8) / 16.0
     digits = torch.tensor(y, dtype=torch.long)
@@ -185,5 +186,5 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
 def load_seg_data(spec: str, img_size: Optional[int] = None) -> DataBundle:
     """``digits`` (the embedded task) or an ADE20K-layout folder."""
     if spec == "digits":
-        return digits_segmentation(img_size=img_size or 64)
+        return digits_segmentation(img_size=img_size or 48)
     return ade20k(spec, crop_size=img_size or 512)
