@@ -15,6 +15,7 @@ classes 0..149. Training: random rescale of the image (shorter side ``crop_size`
 shorter side resized to ``crop_size`` (the window size; inference slides windows over the long side), labels
 at that size (nearest).
 """
+import functools
 import os
 from typing import List, Optional, Tuple
 
@@ -69,6 +70,7 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
     return images * 2.0 - 1.0, labels
 
 
+@functools.lru_cache(maxsize=4)  # deterministic: built once per process for each size (its tensors are not mutated)
 def digits_segmentation(img_size: int = 48, n_train: int = 1200, n_val: int = 300, data_seed: int = 0) -> DataBundle:
     """The embedded task (see the module docstring): fixed split and canvases for a given ``data_seed``."""
     from sklearn.datasets import load_digits
