@@ -2,8 +2,9 @@
 
 ``digits`` (with ``--task segmentation``): canvases built from scikit-learn's 1,797 real 8×8 digit scans.
 The scans are split once (stratified 75 / 25, fixed seed) into training and validation scans; each canvas
-(48×48 grey by default) gets 2 to 4 scans drawn from its split, each upsampled (bilinear) to a random size of
-12 to 22 pixels and placed at a random position (later digits are drawn over earlier ones). Every pixel is
+(32×32 grey by default) gets 2 to 4 scans drawn from its split, each upsampled (bilinear) to 16×16 and placed at
+a random free position on a 4-pixel lattice (the patch size of the embedded ViT: a digit covers 4×4 patches; no
+overlap; a digit that finds no free place is left out, so a 32×32 canvas holds 1 to 4). Every pixel is
 labelled with its digit's class (1 + digit) where that scan has ink (upsampled intensity > 0.3 of full scale),
 else background (0): 11 classes. Canvases come from a fixed generator: the same seed, the same task, whatever
 the run's seed (runs differ by their training seed, on the same data).
@@ -28,9 +29,10 @@ from .data import DataBundle
 from .io import PipelineError
 
 __all__ = ["DigitsSegmentation", "digits_segmentation", "ADE20K", "ade20k", "load_seg_data", "DIGITS_SEG_CLASSES",
-           "ADE_MEAN", "ADE_STD"]
+           "DIGITS_SEG_SIZE", "ADE_MEAN", "ADE_STD"]
 
 DIGITS_SEG_CLASSES = 11
+DIGITS_SEG_SIZE, DIGITS_SEG_TRAIN = 32, 4000  # the demo's canvas side and training canvases
 INK = 0.3
 ADE_MEAN, ADE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as timm's ViTs
 
@@ -49,19 +51,29 @@ class DigitsSegmentation(Dataset):
 
 
 def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen: torch.Generator,
-              min_digits: int = 2, max_digits: int = 4, min_side: int = 12, max_side: int = 22):
+              min_digits: int = 2, max_digits: int = 4, sides: Tuple[int, ...] = (16,), step: int = 4,
+              overlap: bool = False, tries: int = 50):
+    """``n`` canvases of ``size``² with ``min_digits``..``max_digits`` scans each, upsampled to one of ``sides``,
+    at positions on a ``step``-pixel lattice; without ``overlap`` a digit that finds no free place in ``tries``
+    draws is left out."""
     images = torch.zeros(n, 1, size, size)
     labels = torch.zeros(n, size, size, dtype=torch.long)
-    max_side = min(max_side, size)
-    min_side = min(min_side, max_side)
+    sides = tuple(min(s, size) for s in sides)
     resized = {side: F.interpolate(scans[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
-               for side in range(min_side, max_side + 1)}  # every scan at every size, once
+               for side in set(sides)}  # every scan at every size, once
     for i in range(n):
         count = int(torch.randint(min_digits, max_digits + 1, (1,), generator=gen))
+        taken = torch.zeros(size, size, dtype=torch.bool)
         for _ in range(count):
             j = int(torch.randint(0, scans.shape[0], (1,), generator=gen))
-            side = int(torch.randint(min_side, max_side + 1, (1,), generator=gen))
-            y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=gen))
+            side = sides[int(torch.randint(0, len(sides), (1,), generator=gen))]
+            for _ in range(tries):
+                y, x = (step * int(v) for v in torch.randint(0, (size - side) // step + 1, (2,), generator=gen))
+                if overlap or not bool(taken[y:y + side, x:x + side].any()):
+                    break
+            else:
+                continue
+            taken[y:y + side, x:x + side] = True
             ink = resized[side][j]
             patch = images[i, 0, y:y + side, x:x + side]
             mask = ink > INK
@@ -71,7 +83,8 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
 
 
 @functools.lru_cache(maxsize=4)  # deterministic: built once per process for each size (its tensors are not mutated)
-def digits_segmentation(img_size: int = 48, n_train: int = 1200, n_val: int = 300, data_seed: int = 0) -> DataBundle:
+def digits_segmentation(img_size: int = DIGITS_SEG_SIZE, n_train: int = DIGITS_SEG_TRAIN, n_val: int = 300,
+                        data_seed: int = 0) -> DataBundle:
     """The embedded task (see the module docstring): fixed split and canvases for a given ``data_seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -188,5 +201,5 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
 def load_seg_data(spec: str, img_size: Optional[int] = None) -> DataBundle:
     """``digits`` (the embedded task) or an ADE20K-layout folder."""
     if spec == "digits":
-        return digits_segmentation(img_size=img_size or 48)
+        return digits_segmentation(img_size=img_size or DIGITS_SEG_SIZE)
     return ade20k(spec, crop_size=img_size or 512)

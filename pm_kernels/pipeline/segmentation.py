@@ -1,6 +1,6 @@
 """Segmentation in the pipeline: Segmenter models (build, load), mIoU / pixel accuracy, GMACs, images/s, pictures.
 
-Models: ``digits_seg_vit`` (the embedded task's small ViT: 48×48 grey, patch 4 → 144 patches + CLS) or any timm
+Models: ``digits_seg_vit`` (the embedded task's small ViT: 32×32 grey, patch 4 → 64 patches + CLS, 4 blocks) or any timm
 ViT name, always patched (identity structure until compressed), with Segmenter's mask or linear decoder.
 A checkpoint written here carries ``task: segmentation``, the backbone name and kwargs, the decoder and the
 class count; a timm classification checkpoint (``--checkpoint`` of a dense ViT) loads into the backbone.
@@ -24,7 +24,7 @@ __all__ = ["DIGITS_SEG_VIT", "DIGITS_SEG_VIT_KWARGS", "build_segmenter", "load_s
            "render_predictions", "predict"]
 
 DIGITS_SEG_VIT = "digits_seg_vit"
-DIGITS_SEG_VIT_KWARGS = dict(img_size=48, patch_size=4, in_chans=1, num_classes=0, embed_dim=64, depth=6,
+DIGITS_SEG_VIT_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, num_classes=0, embed_dim=64, depth=4,
                              num_heads=2, mlp_ratio=2.0)
 
 
