@@ -185,6 +185,7 @@ def main(argv=None):
                 "threads": torch.get_num_threads(), "loadavg_start": loadavg_start,
                 "loadavg_end": list(os.getloadavg()), "versions": _versions()},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "model_kwargs": meta["model_kwargs"],
         "finetune_config": ft_cfg.__dict__ if ft_cfg is not None else None,
         "gmacs_counter": "analytic backbone (bench/peers/flops.py: 1 MAC = 1 FLOP; PM merge/reconstruct, ToMe "
                          "matching included) + the decoder (FlopCounterMode / 2, the same for every row); "

@@ -36,10 +36,24 @@ def summarise(runs):
             "PM_minus_dense": mean_std(s[("PM", keep)]["miou"] - s[("dense", None)]["miou"] for s in by_seed),
             "PM_minus_ToMe": mean_std(s[("PM", keep)]["miou"] - s[("ToMe", keep)]["miou"] for s in by_seed),
             "ToMe_minus_dense": mean_std(s[("ToMe", keep)]["miou"] - s[("dense", None)]["miou"] for s in by_seed)}
+    controls = all("dense+FT" in run.get("controls", {}) for run in runs)
+    if controls:  # bench/seg_dense_ft.py: the dense model given the same fine-tune (extra training, no compression)
+        ctrl = [run["controls"]["dense+FT"]["miou"] for run in runs]
+        table["dense+FT"] = {"miou": mean_std(ctrl), "gmacs": table["dense"]["gmacs"],
+                             "images_per_s": table["dense"]["images_per_s"]}
+        for keep in keeps:
+            paired[f"keep {keep:g}"]["PM_minus_denseFT"] = mean_std(
+                s[("PM", keep)]["miou"] - c for s, c in zip(by_seed, ctrl))
+            paired[f"keep {keep:g}"]["ToMe_minus_denseFT"] = mean_std(
+                s[("ToMe", keep)]["miou"] - c for s, c in zip(by_seed, ctrl))
     for keep, tol in ((0.8, 0.5), (0.7, 1.0)):
         if f"keep {keep:g}" in paired:
             d = paired[f"keep {keep:g}"]["PM_minus_dense"]["mean"]
             targets[f"PM keep {keep:g} within {tol} mIoU of dense"] = {"PM_minus_dense": d, "met": d >= -tol}
+            if controls:
+                d = paired[f"keep {keep:g}"]["PM_minus_denseFT"]["mean"]
+                targets[f"PM keep {keep:g} within {tol} mIoU of dense + the same fine-tune"] = {
+                    "PM_minus_denseFT": d, "met": d >= -tol}
     if "keep 0.7" in paired:
         d = paired["keep 0.7"]["PM_minus_ToMe"]["mean"]
         targets["PM >= ToMe-with-unmerge at keep 0.7 (matched GMACs)"] = {"PM_minus_ToMe": d, "met": d >= 0}
@@ -64,6 +78,11 @@ def plot(table, keeps, path, title):
     ax.errorbar([dense["gmacs"] * 1e3], [dense["miou"]["mean"]], yerr=[dense["miou"]["std"]], fmt="*", ms=12,
                 color="C3", label=f"dense ({dense['miou']['mean']:.1f})")
     ax.axhline(dense["miou"]["mean"], color="C3", lw=0.8, ls="--")
+    if "dense+FT" in table:
+        ctrl = table["dense+FT"]
+        ax.errorbar([ctrl["gmacs"] * 1e3], [ctrl["miou"]["mean"]], yerr=[ctrl["miou"]["std"]], fmt="P", ms=9,
+                    color="C2", label=f"dense + the same fine-tune ({ctrl['miou']['mean']:.1f})")
+        ax.axhline(ctrl["miou"]["mean"], color="C2", lw=0.8, ls=":")
     ax.set_xlabel("MMACs / image (backbone analytic + decoder)")
     ax.set_ylabel("mIoU on the validation canvases (%), mean ± std over seeds")
     ax.set_title(title, fontsize=7)
@@ -95,7 +114,9 @@ def main(argv=None):
                      f"{row['images_per_s']['mean']:>8.1f}")
     lines.append("paired over seeds (mean ± std): " + "; ".join(
         f"{k}: PM−dense {v['PM_minus_dense']['mean']:+.2f} ± {v['PM_minus_dense']['std']:.2f}, PM−ToMe "
-        f"{v['PM_minus_ToMe']['mean']:+.2f} ± {v['PM_minus_ToMe']['std']:.2f}" for k, v in paired.items()))
+        f"{v['PM_minus_ToMe']['mean']:+.2f} ± {v['PM_minus_ToMe']['std']:.2f}"
+        + (f", PM−(dense+FT) {v['PM_minus_denseFT']['mean']:+.2f} ± {v['PM_minus_denseFT']['std']:.2f}"
+           if "PM_minus_denseFT" in v else "") for k, v in paired.items()))
     text = "\n".join(lines)
     print(text)
     for name, t in targets.items():
@@ -110,7 +131,9 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     png = os.path.splitext(args.out)[0] + ".png"
-    plot(table, keeps, png, f"digits Segmenter (6 blocks, 145 tokens, mask decoder), {runs[0]['n_val']} validation "
+    kw = runs[0].get("model_kwargs") or {}
+    depth, size = kw.get("depth", "?"), runs[0]["config"]["img_size"]
+    plot(table, keeps, png, f"digits Segmenter ({depth} blocks, {size}², mask decoder), {runs[0]['n_val']} validation "
                             f"canvases, seeds {seeds}:\nPM per layer vs ToMe with unmerge at matched GMACs, both "
                             f"fine-tuned {runs[0]['config']['ft_epochs']:g} epochs with per-pixel distillation\n"
                             f"[CPU] {env['cpu_name']}, {env['threads']} thread(s), shared")
