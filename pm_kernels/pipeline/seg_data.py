@@ -63,17 +63,19 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
                for side in set(sides)}  # every scan at every size, once
     for i in range(n):
         count = int(torch.randint(min_digits, max_digits + 1, (1,), generator=gen))
-        taken = torch.zeros(size, size, dtype=torch.bool)
+        boxes = []  # (y, x, side) of the digits placed on this canvas
         for _ in range(count):
             j = int(torch.randint(0, scans.shape[0], (1,), generator=gen))
             side = sides[int(torch.randint(0, len(sides), (1,), generator=gen))]
             for _ in range(tries):
-                y, x = (step * int(v) for v in torch.randint(0, (size - side) // step + 1, (2,), generator=gen))
-                if overlap or not bool(taken[y:y + side, x:x + side].any()):
+                y, x = torch.randint(0, (size - side) // step + 1, (2,), generator=gen).tolist()
+                y, x = step * y, step * x
+                if overlap or not any(y < by + bs and by < y + side and x < bx + bs and bx < x + side
+                                      for by, bx, bs in boxes):
                     break
             else:
                 continue
-            taken[y:y + side, x:x + side] = True
+            boxes.append((y, x, side))
             ink = resized[side][j]
             patch = images[i, 0, y:y + side, x:x + side]
             mask = ink > INK
