@@ -46,7 +46,8 @@ def main(argv=None):
     _, pm_meta = load_segmenter(os.path.join(args.work, f"pm_keep{keep:g}.pth"))
     ft_cfg = TrainConfig(**pm_meta["train"]["config"])
     ft_cfg.progress = False
-    data = digits_segmentation(img_size=cfg["img_size"], n_train=cfg["n_train"], n_val=cfg["n_val"])
+    data = digits_segmentation(img_size=cfg["img_size"], n_train=cfg["n_train"], n_val=cfg["n_val"],
+                               background_noise=cfg.get("background_noise", 0.0))
     teacher = copy.deepcopy(dense).eval()
     t = time.perf_counter()
     hist = train(dense, data, ft_cfg, teacher=teacher, device="cpu", base_loss=seg_loss())

@@ -80,7 +80,8 @@ def _reuse_or_run(work: str, cfg: SegDemoConfig):
     if os.path.exists(path):
         with open(path) as f:
             demo = json.load(f)
-        if demo.get("config", {}).get("seed") == cfg.seed and all(
+        same = all(demo.get("config", {}).get(k, 0.0) == getattr(cfg, k) for k in ("seed", "background_noise"))
+        if same and all(
                 os.path.exists(os.path.join(work, f"pm_keep{k:g}.pth")) for k in cfg.keep_rates):
             print(f"[demo] reusing the finished run in {work}", flush=True)
             return demo
@@ -96,12 +97,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timed run")
+    p.add_argument("--background-noise", type=float, default=0.0,
+                   help="an ablation: a uniform noise below the ink threshold on every canvas pixel")
     p.add_argument("--quick", action="store_true", help="the demo's quick budget (smoke test, not for results)")
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    cfg = SegDemoConfig(seed=args.seed, **(SEG_QUICK if args.quick else {}))
+    cfg = SegDemoConfig(seed=args.seed, background_noise=args.background_noise, **(SEG_QUICK if args.quick else {}))
     loadavg_start = list(os.getloadavg())
     timings = {}
     t = time.perf_counter()
@@ -114,7 +117,8 @@ def main(argv=None):
     d = dims_from_model(dense.backbone)
     in_shape = (1, cfg.img_size, cfg.img_size)
     dec = decoder_gmacs(dense, in_shape)
-    data = digits_segmentation(img_size=cfg.img_size, n_train=cfg.n_train, n_val=cfg.n_val)
+    data = digits_segmentation(img_size=cfg.img_size, n_train=cfg.n_train, n_val=cfg.n_val,
+                               background_noise=cfg.background_noise)
     val = make_loader(data.test, 64, train=False)
     rows, timed = [], []
 

@@ -30,6 +30,17 @@ def test_digits_canvases_are_fixed_and_labelled_where_ink_is(canvases):
     assert torch.equal(labels > 0, ink), "a pixel is a digit's class exactly where a scan has ink"
 
 
+def test_digits_canvases_with_a_noisy_background_keep_their_labels(canvases):
+    noisy = digits_segmentation(img_size=32, n_train=40, n_val=12, background_noise=0.25)
+    images, labels = noisy.train.images, noisy.train.labels
+    background = images[:, 0][labels == 0]
+    assert background.min() >= -1.0 and background.max() < -1.0 + 2 * 0.25 and background.std() > 0.05
+    assert torch.equal(labels > 0, images[:, 0] > -1.0 + 2 * 0.3), "labels still follow the ink"
+    assert labels.sum() > 0
+    with pytest.raises(ValueError, match="background_noise"):
+        digits_segmentation(img_size=32, n_train=40, n_val=12, background_noise=0.3)
+
+
 def test_miou_by_hand():
     pred = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 1]])
     target = torch.tensor([[0, 1, 1, 1], [2, 2, 255, 0]])

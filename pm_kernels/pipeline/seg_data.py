@@ -52,10 +52,14 @@ class DigitsSegmentation(Dataset):
 
 def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen: torch.Generator,
               min_digits: int = 2, max_digits: int = 4, sides: Tuple[int, ...] = (16,), step: int = 4,
-              overlap: bool = False, tries: int = 50):
+              overlap: bool = False, tries: int = 50, background_noise: float = 0.0):
     """``n`` canvases of ``size``² with ``min_digits``..``max_digits`` scans each, upsampled to one of ``sides``,
     at positions on a ``step``-pixel lattice; without ``overlap`` a digit that finds no free place in ``tries``
-    draws is left out."""
+    draws is left out. ``background_noise`` > 0: every pixel gets at least a uniform draw in [0, noise) (below
+    the ink threshold, so the labels do not change; 0 draws nothing, so the canvases stay those of the seed)."""
+    if not 0.0 <= background_noise < INK:
+        raise ValueError(f"background_noise: expected a value in [0, {INK}) (below the ink threshold), "
+                         f"got {background_noise!r}")
     images = torch.zeros(n, 1, size, size)
     labels = torch.zeros(n, size, size, dtype=torch.long)
     sides = tuple(min(s, size) for s in sides)
@@ -81,12 +85,14 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
             mask = ink > INK
             images[i, 0, y:y + side, x:x + side] = torch.where(mask, torch.maximum(patch, ink), patch)
             labels[i, y:y + side, x:x + side][mask] = 1 + int(digits[j])
+        if background_noise > 0:
+            images[i, 0] = torch.maximum(images[i, 0], background_noise * torch.rand(size, size, generator=gen))
     return images * 2.0 - 1.0, labels
 
 
 @functools.lru_cache(maxsize=4)  # deterministic: built once per process for each size (its tensors are not mutated)
 def digits_segmentation(img_size: int = DIGITS_SEG_SIZE, n_train: int = DIGITS_SEG_TRAIN, n_val: int = 300,
-                        data_seed: int = 0) -> DataBundle:
+                        data_seed: int = 0, background_noise: float = 0.0) -> DataBundle:
     """The embedded task (see the module docstring): fixed split and canvases for a given ``data_seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -99,8 +105,8 @@ def digits_segmentation(img_size: int = DIGITS_SEG_SIZE, n_train: int = DIGITS_S
     idx_train, idx_val = train_test_split(torch.arange(len(y)).numpy(), test_size=0.25, random_state=data_seed,
                                           stratify=y)
     gen = torch.Generator().manual_seed(1000 + data_seed)
-    train = _canvases(scans[idx_train], digits[idx_train], n_train, img_size, gen)
-    val = _canvases(scans[idx_val], digits[idx_val], n_val, img_size, gen)
+    train = _canvases(scans[idx_train], digits[idx_train], n_train, img_size, gen, background_noise=background_noise)
+    val = _canvases(scans[idx_val], digits[idx_val], n_val, img_size, gen, background_noise=background_noise)
     return DataBundle("digits", DigitsSegmentation(*train), DigitsSegmentation(*val),
                       num_classes=DIGITS_SEG_CLASSES, in_chans=1, img_size=img_size, mean=(0.5,), std=(0.5,))
 

@@ -35,6 +35,7 @@ class SegDemoConfig:
     img_size: int = DIGITS_SEG_SIZE
     n_train: int = DIGITS_SEG_TRAIN
     n_val: int = 300
+    background_noise: float = 0.0  # > 0: a noisy background (an ablation: no duplicate background tokens)
     model_kwargs: Dict[str, object] = field(default_factory=dict)
     decoder: str = "mask"
     batch_size: int = 32
@@ -93,7 +94,8 @@ def run_seg_demo(out: str, cfg: Optional[SegDemoConfig] = None, device=None, pro
     t0 = time.perf_counter()
     timings = {}
     torch.manual_seed(cfg.seed)
-    data = digits_segmentation(img_size=cfg.img_size, n_train=cfg.n_train, n_val=cfg.n_val)
+    data = digits_segmentation(img_size=cfg.img_size, n_train=cfg.n_train, n_val=cfg.n_val,
+                               background_noise=cfg.background_noise)
     kwargs = dict(DIGITS_SEG_VIT_KWARGS, **dict(cfg.model_kwargs, img_size=cfg.img_size))
     log(f"digits segmentation: {len(data.train)} train / {len(data.test)} val canvases, {cfg.img_size}x{cfg.img_size}, "
         f"{data.num_classes} classes; ViT embed {kwargs['embed_dim']}, depth {kwargs['depth']}, heads "
