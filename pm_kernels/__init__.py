@@ -20,6 +20,7 @@ from .eva import PMEvaAttention, PMEvaBlock
 from .patch import PMEva, PMVisionTransformer, is_patched, patch_timm, set_backend
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import OptimizedPM, optimize
+from .segmenter import OptimizedSegmenter, Segmenter, pixel_cross_entropy, pixel_distillation, sliding_window
 from .deploy import export
 from .token_ops import merge, reconstruct, reconstruct_merge
 
@@ -35,7 +36,7 @@ sys.modules.setdefault(__name__ + ".backends", _dispatch)
 __all__ = [
     "attention", "backends", "budget_keep_rate", "build_merge_matrix", "calibrate", "compress", "export",
     "fused_block", "init_reconstruct", "is_patched", "LayerStructure", "merge", "optimize", "OptimizedPM",
-    "patch_timm", "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock",
-    "PMVisionTransformer", "reconstruct",
-    "reconstruct_merge", "search_structure", "set_backend",
+    "OptimizedSegmenter", "patch_timm", "pixel_cross_entropy", "pixel_distillation", "PMAttention", "PMBlock",
+    "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock", "PMVisionTransformer", "reconstruct", "reconstruct_merge",
+    "search_structure", "Segmenter", "set_backend", "sliding_window",
 ]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._checks import check_rate
-from .structure import LayerStructure, search_structure
+from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
 
@@ -65,20 +65,24 @@ class BudgetResult:
     gmacs: float
     target_gmacs: float
     kept: List[int]
+    thresholds: str = "global"
+    layers: Optional[List[int]] = None
 
     @property
     def relative_error(self) -> float:
         return (self.gmacs - self.target_gmacs) / self.target_gmacs
 
     def compress_kwargs(self) -> dict:
-        return {"keep_rate": self.keep_rate, "prune_rate": self.prune_rate, "depth_discount": self.depth_discount}
+        return {"keep_rate": self.keep_rate, "prune_rate": self.prune_rate, "depth_discount": self.depth_discount,
+                "thresholds": self.thresholds, "layers": self.layers}
 
 
 def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Callable[[List[LayerStructure]], float]],
-                     target_gmacs: float, prune_rate: float = 0.1, depth_discount: float = 0.025,
-                     num_prefix: Optional[int] = None) -> BudgetResult:
-    """The keep rate whose structure (``search_structure(scores, keep_rate, prune_rate, depth_discount)``) does
-    the GMACs nearest ``target_gmacs``.
+                     target_gmacs: float, prune_rate: Optional[float] = None, depth_discount: float = 0.025,
+                     num_prefix: Optional[int] = None, *, thresholds: str = "global",
+                     layers: Optional[Sequence[int]] = None) -> BudgetResult:
+    """The keep rate whose structure (``search_structure(scores, keep_rate, prune_rate, depth_discount,
+    thresholds=, layers=)``, the same arguments as ``compress``) does the GMACs nearest ``target_gmacs``.
 
     model_or_macs: the timm ViT to be compressed (MACs by ``pm_macs``), or a function of the structure (one
     ``LayerStructure`` per layer) returning its GMACs, e.g. a latency model.
@@ -88,6 +92,8 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     if isinstance(target_gmacs, bool) or not isinstance(target_gmacs, (int, float)) or not target_gmacs > 0 \
             or not math.isfinite(target_gmacs):
         raise ValueError(f"target_gmacs: expected a positive number of GMACs, got {target_gmacs!r}")
+    if prune_rate is None:
+        prune_rate = default_prune_rate(thresholds)
     prune_rate = check_rate("prune_rate", prune_rate, low_open=False)
     if isinstance(model_or_macs, nn.Module):
         model = model_or_macs
@@ -118,7 +124,8 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     def evaluate(i: int):
         if i not in cache:
             st = search_structure(scores, keep_rate=keep_for(counts[i]), prune_rate=prune_rate,
-                                  depth_discount=depth_discount, num_prefix=num_prefix)
+                                  depth_discount=depth_discount, num_prefix=num_prefix, thresholds=thresholds,
+                                  layers=layers)
             cache[i] = (float(gmacs_of(st)), [s.keep for s in st])
         return cache[i]
 
@@ -137,4 +144,5 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     best = min({lo, max(0, lo - 1)}, key=lambda i: abs(evaluate(i)[0] - target_gmacs))
     g, kept = evaluate(best)
     return BudgetResult(keep_rate=keep_for(counts[best]), prune_rate=prune_rate, depth_discount=depth_discount,
-                        gmacs=g, target_gmacs=float(target_gmacs), kept=kept)
+                        gmacs=g, target_gmacs=float(target_gmacs), kept=kept, thresholds=thresholds,
+                        layers=None if layers is None else list(layers))

@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .patch import is_patched
+from .patch import is_patched, patch_timm
+from .segmenter import Segmenter, pixel_cross_entropy
 
 __all__ = ["calibrate"]
 
@@ -33,11 +34,23 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
     Prefix tokens (CLS, distillation token, registers) are not scored: they are never pruned or merged.
     Runs in eval mode (no dropout / drop-path), restores the mode afterwards. ``loss_fn(logits, targets)``
     defaults to cross-entropy and must return a scalar. Every batch must have the same image size.
+    ``model`` may be a ``pm_kernels.Segmenter``: its backbone is scored (patched first if it is not, which
+    changes nothing it computes) through the whole segmenter, and the default loss is the per-pixel
+    cross-entropy without the unlabelled pixels (``pixel_cross_entropy`` with the segmenter's ``ignore_index``).
     """
-    _check_dense_pm(model)
+    if isinstance(model, Segmenter):
+        backbone = model.backbone
+        if not is_patched(backbone):
+            patch_timm(backbone)
+        if loss_fn is None:
+            ignore = model.ignore_index
+            loss_fn = lambda logits, targets: pixel_cross_entropy(logits, targets, ignore)  # noqa: E731
+    else:
+        backbone = model
+    _check_dense_pm(backbone)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    blocks = list(model.blocks)
-    prefix = model.num_prefix_tokens
+    blocks = list(backbone.blocks)
+    prefix = backbone.num_prefix_tokens
     state = {"scores": None}
 
     def _start_batch(_module, _inputs, out):
@@ -57,7 +70,7 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
         return state["x"]
 
     was_training = model.training
-    hook = model.patch_embed.register_forward_hook(_start_batch)
+    hook = backbone.patch_embed.register_forward_hook(_start_batch)
     model.eval()
     n_batches = 0
     try:

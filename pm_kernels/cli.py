@@ -8,6 +8,8 @@
     pm-kernels visualize  --checkpoint pm_ft.pth --out structure.png
     pm-kernels demo       [--out runs/demo] [--quick]
     pm-kernels export     --checkpoint pm_ft.pth --out pm.onnx [--format onnx|pt2] [--batch-size N] [--verify]
+    pm-kernels demo --task segmentation [--out runs/seg_demo] [--quick]     (Segmenter, every subcommand but export
+                          takes --task)
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
 ``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
@@ -166,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False, model=False)
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
     p.add_argument("--quick", action="store_true", help="reduced budget (tests)")
-    p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4")
+    p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4 (segmentation: "
+                   "0.8 0.7 0.5)")
+    from .pipeline.seg_cli import add_task_args  # --task segmentation and its options, on every subcommand
+    for name, command_parser in sub.choices.items():
+        add_task_args(name, command_parser)
 
+    # export takes no --task: a checkpoint of either task is exported by pm_kernels.export (library)
     p = sub.add_parser("export", help="ONNX file or torch.export program (.pt2) of a PM checkpoint, folded")
     _common(p, data=False)
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
@@ -231,8 +238,8 @@ def _warnings_as_lines(prog: str):
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``pm-kernels``; returns 0 or raises ``SystemExit`` with a non-zero status."""
     args = build_parser().parse_args(argv)
-    from .pipeline import commands
     from .pipeline.io import PipelineError
+    from .pipeline.seg_cli import commands_for
     start = time.perf_counter()
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -241,11 +248,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warnings_as_lines(f"pm-kernels {args.command}")
-            device = _setup(args)
             if args.command == "export":
                 from .pipeline.export_cmd import cmd_export as run
             else:
-                run = getattr(commands, "cmd_" + args.command)
+                run = getattr(commands_for(args), "cmd_" + args.command)  # classification or segmentation
+            device = _setup(args)
             run(args, device)
     except PipelineError as err:
         sys.stderr.write(f"pm-kernels {args.command}: error: {_one_line(err)}\n")

@@ -23,6 +23,7 @@ import torch
 from .optimize import OptimizedPM, optimize
 from .layers import PMAttentionMixin
 from .patch import is_patched
+from .segmenter import OptimizedSegmenter, Segmenter
 
 __all__ = ["export", "load_exported", "FORMATS"]
 
@@ -40,9 +41,17 @@ def _require(packages: Sequence[str], what: str) -> None:
 
 
 def _pm_model_and_dtype(model) -> Tuple[torch.nn.Module, Optional[torch.dtype]]:
-    """The PM model behind ``model`` (itself, or the one an ``OptimizedPM`` folds) and the folded dtype."""
+    """The PM model behind ``model`` (itself, or the one an ``OptimizedPM`` / ``OptimizedSegmenter`` folds; a
+    ``Segmenter`` whose backbone is a PM model) and the folded dtype."""
     if isinstance(model, OptimizedPM):
         return model.model, model.folded_dtype
+    if isinstance(model, OptimizedSegmenter):
+        return model.segmenter, model.features.folded_dtype
+    if isinstance(model, Segmenter):
+        if not is_patched(model.backbone):
+            raise TypeError("model: a Segmenter whose backbone is not a PM model (pm_kernels.patch_timm / compress "
+                            "the segmenter first)")
+        return model, None
     if is_patched(model):
         return model, None
     raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm / compress) or its pm_kernels.optimize "
@@ -52,8 +61,9 @@ def _pm_model_and_dtype(model) -> Tuple[torch.nn.Module, Optional[torch.dtype]]:
 
 
 def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.Tensor:
-    ref = pm.patch_embed.proj.weight
-    chans, size = ref.shape[1], tuple(pm.patch_embed.img_size)
+    patch_embed = pm.backbone.patch_embed if isinstance(pm, Segmenter) else pm.patch_embed
+    ref = patch_embed.proj.weight
+    chans, size = ref.shape[1], tuple(patch_embed.img_size)
     expected = f"a (B, {chans}, {size[0]}, {size[1]}) tensor"
     if example_inputs is None:
         # batch 2: torch.export specialises a dimension whose example size is 1, so it could not stay dynamic
@@ -117,7 +127,9 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
            dynamic_batch: bool = True, opset: Optional[int] = None) -> str:
     """Fold ``model`` with ``optimize`` and export it to ``path``; returns the path.
 
-    model: a PM model (``patch_timm`` / ``compress``, identity structure included) or its ``optimize`` form.
+    model: a PM model (``patch_timm`` / ``compress``, identity structure included), a ``pm_kernels.Segmenter``
+    with a PM backbone (the file maps images to per-pixel logits at the model's image size), or their
+    ``optimize`` form.
     format: "onnx" (``torch.onnx.export(dynamo=True)``; needs onnx + onnxscript) or "pt2" (``torch.export``
     program, ``torch.export.save``). example_inputs: an images tensor (B, C, H, W) to trace with (default: random
     at the model's size, dtype and device). dynamic_batch: the file accepts any batch size (default), else only

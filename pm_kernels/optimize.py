@@ -25,6 +25,7 @@ from torch import nn
 
 from . import token_ops
 from .patch import is_patched
+from .segmenter import OptimizedSegmenter, Segmenter
 
 __all__ = ["optimize", "OptimizedPM"]
 
@@ -102,12 +103,15 @@ class OptimizedPM(nn.Module):
 
 
 @torch.no_grad()
-def optimize(model, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> OptimizedPM:
-    """Fold a (compressed) PM model for inference; returns an ``OptimizedPM`` sharing its weights.
+def optimize(model, backend: str = "auto", dtype: Optional[torch.dtype] = None):
+    """Fold a (compressed) PM model for inference; returns an ``OptimizedPM`` sharing its weights (for a
+    ``pm_kernels.Segmenter``: an ``OptimizedSegmenter``, whose folded backbone returns every patch token).
 
     Call it after the model is on its device and dtype (or pass ``dtype`` for the folded matrices); call it again
     after M or R change. Works under ``torch.compile(mode="max-autotune")`` and CUDA-graph capture.
     """
+    if isinstance(model, Segmenter):
+        return OptimizedSegmenter(model, optimize(model.backbone, backend=backend, dtype=dtype)).eval()
     if not is_patched(model):
         raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm / compress), got {type(model).__name__}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -12,7 +12,7 @@ import torch
 
 from ._checks import check_rate, check_tensor
 
-__all__ = ["LayerStructure", "build_merge_matrix", "init_reconstruct", "search_structure", "identity_structure",
+__all__ = ["LayerStructure", "THRESHOLDS", "build_merge_matrix", "init_reconstruct", "search_structure", "identity_structure",
            "structure_matrices"]
 
 
@@ -56,25 +56,6 @@ def _check_grid(grid_size, num_patches: int) -> Tuple[int, int]:
     return h, w
 
 
-def _segments(centres: List[int], num_patches: int, width: int) -> List[Tuple[int, int]]:
-    """Half-open raster segments [start, end), one per centre, partitioning the patches (SPEC §2).
-
-    A segment ends at the midpoint ceil((c_i + c_{i+1}) / 2) toward the next centre, clipped at the end of
-    c_i's image row; the next starts where it ended; the first starts at 0 and the last runs to the end.
-    (The authors test the row with (c + 1) // width, clipping one row too far for a last-column centre:
-    we clip at the true row end.)
-    """
-    segments, start = [], 0
-    for i, c in enumerate(centres):
-        if i + 1 < len(centres):
-            end = min(math.ceil((c + centres[i + 1]) / 2), (c // width + 1) * width)
-        else:
-            end = num_patches
-        segments.append((start, end))
-        start = end
-    return segments
-
-
 def build_merge_matrix(scores: torch.Tensor, pruned: torch.Tensor, centres: torch.Tensor,
                        grid_size: Sequence[int], num_prefix: int = 1) -> torch.Tensor:
     """Merge matrix M (K × N) of SPEC §2 from per-patch scores and the pruned / centre masks.
@@ -109,22 +90,50 @@ def build_merge_matrix(scores: torch.Tensor, pruned: torch.Tensor, centres: torc
     P = num_prefix
     M = torch.zeros(len(centre_idx) + P, n_patches + P, dtype=torch.float64)
     M[:P, :P] = torch.eye(P, dtype=torch.float64)
-    keep = (~pruned).cpu()
-    for row, (c, (start, end)) in enumerate(zip(centre_idx, _segments(centre_idx, n_patches, width)), start=P):
-        cols = torch.arange(start, end)
-        cols = cols[keep[start:end]]
-        M[row, cols + P] = s[cols] / s[c]
-        M[row, c + P] = 1.0
+    if centre_idx:
+        # Vectorised §2 (N = 1601 in segmentation): each kept patch's row is the segment it falls in.
+        centre = torch.tensor(centre_idx)
+        ends = _segment_ends(centre, n_patches, width)
+        owner = torch.searchsorted(ends, torch.arange(n_patches), right=True)  # start_i <= j < end_i
+        cols = torch.nonzero((~pruned).cpu()).flatten()
+        rows = owner[cols]
+        M[rows + P, cols + P] = s[cols] / s[centre[rows]]
+        M[torch.arange(len(centre_idx)) + P, centre + P] = 1.0
     return M.to(dtype=scores.dtype if scores.is_floating_point() else torch.float32, device=scores.device)
 
 
+def _segment_ends(centre: torch.Tensor, num_patches: int, width: int) -> torch.Tensor:
+    """Exclusive ends of the half-open raster segments, one per centre (sorted), partitioning the patches (SPEC §2).
+
+    A segment ends at the midpoint ceil((c_i + c_{i+1}) / 2) toward the next centre, clipped at the end of
+    c_i's image row; the next starts where it ended; the first starts at 0 and the last runs to the end.
+    (The authors test the row with (c + 1) // width, clipping one row too far for a last-column centre:
+    we clip at the true row end.)
+    """
+    ends = torch.full_like(centre, num_patches)
+    if centre.numel() > 1:
+        c, nxt = centre[:-1], centre[1:]
+        ends[:-1] = torch.minimum(torch.div(c + nxt + 1, 2, rounding_mode="floor"), (c // width + 1) * width)
+    return ends
+
+
 def init_reconstruct(M: torch.Tensor) -> torch.Tensor:
-    """R₀ = pinv(M) (N × K), computed in float64. A pruned token's row is then 0: it passes by the shortcut."""
+    """R₀ = pinv(M) (N × K), computed in float64. A pruned token's row is then 0: it passes by the shortcut.
+
+    A merge matrix of SPEC §2 has rows with disjoint supports (each patch belongs to one segment), so M Mᵀ is
+    diagonal and pinv(M) = Mᵀ diag(1 / ‖m_i‖²) exactly: O(K·N) instead of an SVD (N = 1601: milliseconds
+    instead of seconds per layer). Any other M goes through ``torch.linalg.pinv``.
+    """
     check_tensor("M", M, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  what="shape (K, N)")
     if M.shape[0] > M.shape[1]:
         raise ValueError(f"M: expected shape (K, N) with K <= N, got {tuple(M.shape)}")
-    return torch.linalg.pinv(M.detach().double()).to(M.dtype)
+    m = M.detach().double()
+    if bool(((m != 0).sum(0) <= 1).all()):
+        norms = (m * m).sum(1)
+        inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+        return (m.t() * inv).to(M.dtype)
+    return torch.linalg.pinv(m).to(M.dtype)
 
 
 def structure_matrices(structure: Sequence[LayerStructure], scores: torch.Tensor, grid_size: Sequence[int]
@@ -148,19 +157,54 @@ def _check_num_prefix(num_prefix) -> int:
     return num_prefix
 
 
-def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: float = 0.1,
-                     depth_discount: float = 0.025, num_prefix: int = 1) -> List[LayerStructure]:
-    """Per-layer structure from the calibration scores (L, num_patches), by global thresholds (SPEC §4).
+THRESHOLDS = ("global", "per_layer")
+
+
+def _check_layers(layers, n_layers: int) -> List[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers: expected a sequence of block indices, got {type(layers).__name__}")
+    layers = list(layers)
+    if (not layers or any(isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers for l in layers)
+            or len(set(layers)) != len(layers)):
+        raise ValueError(f"layers: expected distinct block indices in [0, {n_layers}), at least one, got {layers!r}")
+    return sorted(layers)
+
+
+def default_prune_rate(thresholds: str = "global") -> float:
+    """The prune rate when none is given: 0.1 for the global search (SPEC §4, the authors' classification
+    config), 0 for the per-layer one (SPEC §8, their segmentation config)."""
+    return 0.0 if thresholds == "per_layer" else 0.1
+
+
+def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: Optional[float] = None,
+                     depth_discount: float = 0.025, num_prefix: int = 1, *, thresholds: str = "global",
+                     layers: Optional[Sequence[int]] = None) -> List[LayerStructure]:
+    """Per-layer structure from the calibration scores (L, num_patches).
 
     ``num_prefix``: the model's prefix tokens (never pruned or merged; 0 for a model without a CLS token).
+    ``layers``: the blocks to compress (default all); the others get the identity structure (the dense block).
 
-    Ŝ_l = (1 − depth_discount·l) · S_l / ‖S_l‖₂; τ_p is the ascending value at index int(num_patches·prune_rate)·L,
-    τ_k the int(num_patches·keep_rate)·L-th largest value. Ŝ < τ_p → pruned; Ŝ ≥ τ_k → centre; else merged.
+    ``thresholds="global"`` (SPEC §4, the classification default): over the L' compressed layers,
+    Ŝ_l = (1 − depth_discount·l) · S_l / ‖S_l‖₂; τ_p is the ascending value at index int(num_patches·prune_rate)·L',
+    τ_k the int(num_patches·keep_rate)·L'-th largest value. Ŝ < τ_p → pruned; Ŝ ≥ τ_k → centre; else merged.
+    ``prune_rate`` defaults to 0.1.
+
+    ``thresholds="per_layer"`` (SPEC §8, the authors' PM-Segmenter): each compressed layer has its own τ_p, τ_k
+    (the same rule with L' = 1), so each keeps int(num_patches·keep_rate) centres and prunes
+    int(num_patches·prune_rate) patches (ties aside). ``prune_rate`` defaults to 0, as the authors' config;
+    ``depth_discount`` is not used (scaling a layer does not change its own ranking).
     """
     check_tensor("scores", scores, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  what="shape (L, num_patches): one score per layer and patch")
     num_prefix = _check_num_prefix(num_prefix)
+    if thresholds not in THRESHOLDS:
+        raise ValueError(f"thresholds: expected one of {', '.join(map(repr, THRESHOLDS))}, got {thresholds!r}")
+    per_layer = thresholds == "per_layer"
     keep_rate = check_rate("keep_rate", keep_rate)
+    if prune_rate is None:
+        prune_rate = default_prune_rate(thresholds)
     prune_rate = check_rate("prune_rate", prune_rate, low_open=False)
     if prune_rate + keep_rate > 1.0 + 1e-9:
         raise ValueError(f"prune_rate + keep_rate: expected <= 1, got {prune_rate} + {keep_rate}")
@@ -169,26 +213,31 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: f
     n_layers, n_patches = scores.shape
     if n_layers == 0 or n_patches == 0:
         raise ValueError(f"scores: expected shape (L, num_patches) with L, num_patches > 0, got {tuple(scores.shape)}")
-    if depth_discount * (n_layers - 1) >= 1:
-        raise ValueError(f"depth_discount: {depth_discount} × (L-1) = {depth_discount * (n_layers - 1)} "
-                         "would zero or flip the deepest layers' scores; expected < 1")
+    compressed = _check_layers(layers, n_layers)
+    if not per_layer and depth_discount * (compressed[-1]) >= 1:
+        raise ValueError(f"depth_discount: {depth_discount} × {compressed[-1]} (deepest compressed layer) = "
+                         f"{depth_discount * compressed[-1]} would zero or flip its scores; expected < 1")
     s = scores.detach().double().cpu()
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores: expected finite values")
 
     norms = s.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    discount = 1.0 - depth_discount * torch.arange(n_layers, dtype=torch.float64).unsqueeze(1)
+    discount = 1.0 - (0.0 if per_layer else depth_discount) * torch.arange(n_layers, dtype=torch.float64).unsqueeze(1)
     s_hat = discount * s / norms
-
-    flat = s_hat.flatten()
-    ascending = flat.sort().values
-    n_pruned = int(n_patches * prune_rate) * n_layers
-    n_centres = int(n_patches * keep_rate) * n_layers
-    tau_p = ascending[min(n_pruned, flat.numel() - 1)]
-    tau_k = ascending[flat.numel() - n_centres] if n_centres > 0 else math.inf  # n_centres-th largest
+    groups = [[layer] for layer in compressed] if per_layer else [compressed]
+    taus = {}
+    for group in groups:
+        tau = _thresholds(s_hat[group], n_patches, keep_rate, prune_rate)
+        taus.update({layer: tau for layer in group})
 
     structures = []
     for layer in range(n_layers):
+        if layer not in taus:  # not compressed: every patch its own centre (installed as the dense block)
+            structures.append(LayerStructure(pruned=torch.zeros(n_patches, dtype=torch.bool, device=scores.device),
+                                             centres=torch.ones(n_patches, dtype=torch.bool, device=scores.device),
+                                             num_prefix=num_prefix))
+            continue
+        tau_p, tau_k = taus[layer]
         pruned = s_hat[layer] < tau_p
         centres = (s_hat[layer] >= tau_k) & ~pruned
         if not bool(centres.any()) and (num_prefix == 0 or not bool(pruned.all())):
@@ -202,3 +251,16 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: f
         structures.append(LayerStructure(pruned=pruned.to(scores.device), centres=centres.to(scores.device),
                                          num_prefix=num_prefix))
     return structures
+
+
+def _thresholds(values: torch.Tensor, n_patches: int, keep_rate: float, prune_rate: float) -> Tuple[float, float]:
+    """(τ_p, τ_k) over the L' rows of ``values``: the ascending value at int(n·prune_rate)·L' and the
+    int(n·keep_rate)·L'-th largest value."""
+    flat = values.flatten()
+    ascending = flat.sort().values
+    n_rows = values.shape[0]
+    n_pruned = int(n_patches * prune_rate) * n_rows
+    n_centres = int(n_patches * keep_rate) * n_rows
+    tau_p = ascending[min(n_pruned, flat.numel() - 1)]
+    tau_k = ascending[flat.numel() - n_centres] if n_centres > 0 else math.inf  # n_centres-th largest
+    return tau_p, tau_k

@@ -135,3 +135,19 @@ def test_bad_cost_argument():
         budget_keep_rate(torch.rand(4, 64), 3, 0.5)
     with pytest.raises(ValueError, match="kept"):
         pm_macs(VisionTransformer(**DIGITS), [10, 10])
+
+
+def test_compress_a_segmenter_to_a_budget_per_layer():
+    """A Segmenter's budget is its backbone's MACs; the per-layer search (SPEC §8) with a list of layers walks its
+    own staircase: the backbone lands within 3 % of the budget and the other layers stay dense."""
+    from pm_kernels import Segmenter
+    torch.manual_seed(4)
+    backbone = VisionTransformer(**dict(DIGITS, num_classes=0))
+    seg = Segmenter(backbone, 11, "linear").eval()
+    scores = torch.rand(4, 64) + 1e-3
+    dense = _traced_gmacs(backbone, (1, 32, 32))
+    res = budget_keep_rate(scores, backbone, 0.8 * dense, thresholds="per_layer", layers=[1, 2, 3])
+    assert res.prune_rate == 0.0 and res.compress_kwargs()["layers"] == [1, 2, 3]
+    compress(seg, scores, target_gmacs=0.8 * dense, thresholds="per_layer", layers=[1, 2, 3])
+    assert seg.backbone.blocks[0].is_identity and not seg.backbone.blocks[1].is_identity
+    assert abs(_traced_gmacs(seg.backbone, (1, 32, 32)) - 0.8 * dense) / (0.8 * dense) < 0.03

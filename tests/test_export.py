@@ -105,6 +105,27 @@ def test_optimized_and_identity_models_export(tmp_path):
     assert _max_diff(run, dense, 3, size=32) <= PARITY
 
 
+@pytest.mark.parametrize("decoder", ["mask", "linear"])
+def test_segmenter_exports(tmp_path, decoder):
+    """A PM-Segmenter (and its optimize form) exports: per-pixel logits equal PyTorch's at a batch other than the
+    example's, in ONNX Runtime and as a .pt2 program; standard ops only."""
+    seg = pm_kernels.Segmenter(_like_trained(_small(depth=3), keep_rate=0.5), 4, decoder, dropout=0.0).eval()
+    onnx_path = pm_kernels.export(seg, str(tmp_path / "seg.onnx"))
+    _only_standard_ops(onnx_path)
+    pt2_path = pm_kernels.export(pm_kernels.optimize(seg), str(tmp_path / "seg.pt2"), format="pt2")
+    for path in (onnx_path, pt2_path):
+        run = load_exported(path)
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            want = seg(x)
+        got = run(x)
+        assert got.shape == want.shape == (3, 4, 32, 32)
+        assert float((got - want).abs().max()) <= PARITY
+    dense_backbone = pm_kernels.Segmenter(_small(depth=1), 4, "linear")
+    with pytest.raises(TypeError, match="backbone is not a PM model"):
+        pm_kernels.export(dense_backbone, str(tmp_path / "x.onnx"))
+
+
 def test_model_state_is_restored(tmp_path):
     model = _like_trained(_small())
     pm_kernels.set_backend(model, "torch")

@@ -17,7 +17,7 @@ parameters: a ToMe model loads the dense checkpoint and fine-tunes like the dens
 (constant schedule, as in the paper) or one value per block; ``model.r`` can be changed afterwards.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,17 +38,27 @@ def tome_schedule(r: int, depth: int, mode: str = "constant") -> List[int]:
     raise ValueError(f"mode: expected 'constant' or 'decreasing', got {mode!r}")
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 1):
-    """Plan of one ToMe step on ``metric`` (B, n, c): returns ``merge(x, reduce)`` mapping (B, n, C) to
-    (B, n − r, C), or None when nothing is merged.
+class MatchingPlan(NamedTuple):
+    """One ToMe step's choices: A = tokens 0, 2, 4, ..., B = 1, 3, 5, ...; ``src_idx`` the A tokens merged into
+    the B tokens ``dst_idx``; ``unm_idx`` the kept A tokens in their original order (protected ones first);
+    ``p_a`` / ``p_b`` the protected tokens in A and B."""
+    unm_idx: torch.Tensor
+    src_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    protect_first: int
+    p_a: int
+    p_b: int
+
+
+def matching_plan(metric: torch.Tensor, r: int, protect_first: int = 1) -> Optional[MatchingPlan]:
+    """The choices of one ToMe step on ``metric`` (B, n, c), or None when nothing is merged.
 
     The split follows the official ToMe: every token, the protected ones included, alternates into A
     (positions 0, 2, 4, ...) and B (1, 3, 5, ...). The first ``protect_first`` tokens (CLS; a distillation
     token at position 1; registers) are protected: a protected A token's similarities are −inf (it is never
     merged away), a protected B token's are −inf too (nothing merges into it), as the official code does for
     the class and distillation tokens. Each A token picks its most similar B token; the ``r`` best-matched A
-    tokens are merged into their B partners. Output order: the protected tokens in their original order,
-    the unmerged A tokens in their original order, then the other B tokens.
+    tokens are merged into their B partners.
     """
     p = protect_first
     n = metric.shape[1]
@@ -67,6 +77,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 1
         src_idx = order[:, :r]                               # A tokens merged away (never a protected one)
         unm_idx = order[:, r:].sort(dim=-1).values           # kept A tokens, original order: protected first
         dst_idx = best_dst.gather(1, src_idx)
+    return MatchingPlan(unm_idx, src_idx, dst_idx, p, p_a, p_b)
+
+
+def merge_by_plan(plan: MatchingPlan):
+    """``merge(x, reduce)``: (B, n, C) → (B, n − r, C) as ``plan`` says. Output order: the protected tokens in
+    their original order, the unmerged A tokens in their original order, then the other B tokens."""
+    unm_idx, src_idx, dst_idx, p, p_a, p_b = plan
 
     def merge(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         c = x.shape[-1]
@@ -79,6 +96,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 1
         return torch.cat(prefix + [unm[:, p_a:], xb[:, p_b:]], dim=1)
 
     return merge
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: int = 1):
+    """Plan of one ToMe step on ``metric`` (B, n, c) (``matching_plan``): returns ``merge(x, reduce)`` mapping
+    (B, n, C) to (B, n − r, C), or None when nothing is merged."""
+    plan = matching_plan(metric, r, protect_first)
+    return None if plan is None else merge_by_plan(plan)
 
 
 def merge_wavg(merge, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ Kernels (all tile one batch element × one channel block, accumulate in fp32):
   registers between x' = R z + (1 − m) ⊙ x and z' = M' x'.
 - ``_reconstruct_merge_bwd_kernel``: the fused backward; dx'_total = dx' + M'ᵀ dz' stays in registers
   while dx = (1 − m) ⊙ dx'_total and dz = Rᵀ dx'_total are formed.
+  Both hold N tokens on chip: for N > ``FUSED_MAX_TOKENS`` (1024) the boundary runs as two shared matmuls.
 - ``_batch_outer_sum_kernel``: out[p, q] = Σ_b Σ_c A[b, p, c] · B[b, q, c], the weight gradients
   dM = Σ_b dz xᵀ and dR = Σ_b dx' zᵀ (a Triton reduction kernel, split over the batch; no einsum).
 """
@@ -59,6 +60,12 @@ def _dot_dtype(dtype: torch.dtype):
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _interpreter_block(n: int) -> int:
+    """Block size under the interpreter: 16 on the small test shapes (several blocks, ragged ones), 64 past 256
+    (segmentation's thousands of tokens: 16x fewer interpreted steps per 2-D tile grid)."""
+    return 16 if n <= 256 else 64
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,8 +311,8 @@ def _shared_matmul(A: torch.Tensor, X: torch.Tensor, out_dtype: torch.dtype,
     out = torch.empty((B, P, C), device=X.device, dtype=out_dtype)
     if B == 0 or P == 0 or C == 0:
         return out
-    BLOCK_P = 16 if interpreting() else min(64, _pow2(P))
-    BLOCK_Q = 16 if interpreting() else 32
+    BLOCK_P = _interpreter_block(P) if interpreting() else min(64, _pow2(P))
+    BLOCK_Q = _interpreter_block(Q) if interpreting() else 32
     BLOCK_C = min(64, _pow2(C))
     has_s = shortcut is not None
     s = shortcut if has_s else X          # dummy pointer when unused (never read)
@@ -329,8 +336,8 @@ def _batch_outer_sum(A: torch.Tensor, Bm: torch.Tensor, out_dtype: torch.dtype) 
     Q = Bm.shape[1]
     if NB == 0 or C == 0:
         return torch.zeros((P, Q), device=A.device, dtype=out_dtype)
-    BLOCK_P = 16 if interpreting() else min(64, _pow2(P))
-    BLOCK_Q = 16 if interpreting() else min(64, _pow2(Q))
+    BLOCK_P = _interpreter_block(P) if interpreting() else min(64, _pow2(P))
+    BLOCK_Q = _interpreter_block(Q) if interpreting() else min(64, _pow2(Q))
     BLOCK_C = 16 if interpreting() else 64
     tiles = triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     # Split the batch so that enough programs run; the fp32 partial sums are added by torch.
@@ -360,6 +367,13 @@ def _num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+# The fused kernels hold the whole N-token tile of one channel block on chip. Compiled for sm_90 (H100,
+# 232448 B of shared memory per block): BLOCK_N = 1024 fits (fp32 196608 B, bf16 / fp16 164352 B); BLOCK_N = 2048
+# (N = 1025: 512² images at patch 16; N = 1601: 640²) needs 328192 B in bf16 and cannot launch. Above this
+# many tokens the boundary runs as its two products (x' is written and read back once): same math.
+FUSED_MAX_TOKENS = 1024
 
 
 def _fused_blocks(N: int, K: int, K2: int, C: int):
@@ -493,7 +507,11 @@ class _ReconstructMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, R, x, keep_mask, M_next):
         pruned = _pruned_vector(keep_mask)
-        x_next, z_next = _reconstruct_merge_fwd(z, R, x, pruned, M_next)
+        if x.shape[1] > FUSED_MAX_TOKENS:
+            x_next = _shared_matmul(R, z, x.dtype, shortcut=x, pruned=pruned)
+            z_next = _shared_matmul(M_next, x_next, x.dtype)
+        else:
+            x_next, z_next = _reconstruct_merge_fwd(z, R, x, pruned, M_next)
         ctx.save_for_backward(z, R, pruned, M_next, x_next)
         ctx.set_materialize_grads(False)   # an unused output gets None, not a zero tensor
         return x_next, z_next
@@ -512,6 +530,16 @@ class _ReconstructMerge(torch.autograd.Function):
                 dz = _shared_matmul(R.t(), gx, z.dtype)
             if need_dx:
                 dx = (pruned.to(gx.dtype)[:, None] * gx).to(z.dtype)
+        elif x_next.shape[1] > FUSED_MAX_TOKENS:  # the two products' backward, as in forward
+            dxt = _shared_matmul(M_next.t(), gz, z.dtype)
+            if gx is not None:
+                dxt = (dxt.float() + gx.float()).to(z.dtype)
+            if need_dz:
+                dz = _shared_matmul(R.t(), dxt, z.dtype)
+            if need_dx:
+                dx = (pruned.to(dxt.dtype)[:, None] * dxt).to(z.dtype)
+            if need_dM:
+                dM = _batch_outer_sum(gz, x_next, M_next.dtype)
         else:
             dxt, dx, dz = _reconstruct_merge_bwd(gx, gz, M_next, R, pruned, z.shape[1], z.dtype,
                                                  need_dxt=need_dR, need_dx=need_dx, need_dz=need_dz)

@@ -142,8 +142,12 @@ def _lr_at(step: int, total: int, base: float, min_lr: float, warmup: int) -> fl
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optional[nn.Module] = None,
-          device: Optional[torch.device] = None) -> Dict[str, object]:
-    """Train ``model`` in place on ``data.train``; returns a history dict (losses per epoch, lr, iterations)."""
+          device: Optional[torch.device] = None, base_loss=None) -> Dict[str, object]:
+    """Train ``model`` in place on ``data.train``; returns a history dict (losses per epoch, lr, iterations).
+
+    ``base_loss(logits, targets)`` replaces the cross-entropy on the labels (segmentation: the per-pixel one
+    without unlabelled pixels); the distillation term is per logit, so per pixel for (B, K, H, W) logits.
+    """
     from tqdm import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -165,7 +169,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
         from timm.loss import SoftTargetCrossEntropy
         base = SoftTargetCrossEntropy()
     else:
-        base = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+        base = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing) if base_loss is None else base_loss
     criterion = DistillationLoss(base, teacher, alpha=cfg.alpha, tau=cfg.tau)
 
     loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
