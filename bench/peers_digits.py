@@ -72,12 +72,13 @@ def plain_vit(pm_dense: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
     return vit.eval()
 
 
-def interleaved_speed(models, batch: int, rounds: int, min_time: float):
-    """images/s per model: each round times every model once (no-grad forwards for ``min_time`` s)."""
+def interleaved_speed(models, batch: int, rounds: int, min_time: float, in_shape=INPUT, warmup: int = 3):
+    """images/s per model: each round times every model once (no-grad forwards of ``in_shape`` images for
+    ``min_time`` s; ``warmup`` forwards in the first round)."""
     runs = [[] for _ in models]
     for rnd in range(rounds):
         for i, m in enumerate(models):
-            runs[i].append(throughput(m, INPUT, batch, "cpu", warmup=3 if rnd == 0 else 1, repeats=1,
+            runs[i].append(throughput(m, in_shape, batch, "cpu", warmup=warmup if rnd == 0 else 1, repeats=1,
                                       min_time=min_time))
     return runs
 

@@ -35,10 +35,10 @@ from bench.compare import _versions  # noqa: E402
 from bench.peers import dense_flops, dims_from_model, match_tome_r, pm_flops  # noqa: E402
 from bench.peers.flops import pm_token_counts, tome_flops  # noqa: E402
 from bench.peers.tome_seg import patch_tome_seg  # noqa: E402
-from bench.peers_digits import cpu_name  # noqa: E402
+from bench.peers_digits import cpu_name, interleaved_speed  # noqa: E402
 from pm_kernels import Segmenter, optimize  # noqa: E402
 from pm_kernels.pipeline.data import make_loader  # noqa: E402
-from pm_kernels.pipeline.evaluate import gflops, throughput  # noqa: E402
+from pm_kernels.pipeline.evaluate import gflops  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
 from pm_kernels.pipeline.seg_data import digits_segmentation  # noqa: E402
 from pm_kernels.pipeline.seg_demo import SEG_QUICK, SegDemoConfig, run_seg_demo, seg_loss  # noqa: E402
@@ -64,15 +64,6 @@ def decoder_gmacs(seg: Segmenter, in_shape) -> float:
     with counter, torch.no_grad():
         seg.decoder.eval()(tokens, (h, w))
     return counter.get_total_flops() / 2e9
-
-
-def interleaved_speed(models, in_shape, batch: int, rounds: int, min_time: float):
-    runs = [[] for _ in models]
-    for rnd in range(rounds):
-        for i, m in enumerate(models):
-            runs[i].append(throughput(m, in_shape, batch, "cpu", warmup=2 if rnd == 0 else 1, repeats=1,
-                                      min_time=min_time))
-    return runs
 
 
 def _reuse_or_run(work: str, cfg: SegDemoConfig):
@@ -161,7 +152,7 @@ def main(argv=None):
              "tome_backbone_gmacs_check": tome_flops(d, r)})
 
     t = time.perf_counter()
-    runs = interleaved_speed(timed, in_shape, cfg.batch_size, args.rounds, args.min_time)
+    runs = interleaved_speed(timed, cfg.batch_size, args.rounds, args.min_time, in_shape=in_shape, warmup=2)
     timings["speed_s"] = time.perf_counter() - t
     for row, rr in zip(rows, runs):
         row["images_per_s_runs"] = rr

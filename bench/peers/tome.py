@@ -190,9 +190,27 @@ def patch_tome(model: nn.Module, r: Union[int, Sequence[int]] = 0) -> nn.Module:
     r: tokens merged per block (int) or a per-block list. After a forward, ``model._tome_info["tokens"]``
     holds the token count after each block's merge.
     """
+    return install_tome(model, r, "patch_tome", _make_tome_vit_class, ToMeBlock)
+
+
+def install_tome(model: nn.Module, r, caller: str, make_class, block_class, **state) -> nn.Module:
+    """The class swaps of a ToMe variant: ``make_class(model class)`` for the model, ``block_class`` for every
+    block, ``ToMeAttention``; one shared state dict (``r`` per block, ``size``, ``tokens``, ``num_prefix`` and
+    ``state``). A model already patched only gets the new ``r``."""
     if getattr(model, "_tome_info", None) is not None:
         model.r = r
         return model
+    check_plain_vit_blocks(model, caller)
+    info = {"r": per_block_r(r, len(model.blocks)), "size": None, "tokens": [],
+            "num_prefix": getattr(model, "num_prefix_tokens", 1), **state}
+    model.__class__ = make_class(model.__class__)
+    model._tome_info = info
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = block_class
+        blk.attn.__class__ = ToMeAttention
+        blk._tome_info = info
+        blk._tome_layer = i
+    return model
     check_plain_vit_blocks(model, "patch_tome")
     info = {"r": per_block_r(r, len(model.blocks)), "size": None, "tokens": [],
             "num_prefix": getattr(model, "num_prefix_tokens", 1)}

@@ -15,8 +15,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._common import check_plain_vit_blocks, per_block_r
-from .tome import ToMeAttention, matching_plan, merge_by_plan, merge_wavg
+from .tome import _make_tome_vit_class, install_tome, matching_plan, merge_by_plan, merge_wavg
 
 __all__ = ["patch_tome_seg", "bipartite_matching_with_map", "ToMeSegBlock"]
 
@@ -65,23 +64,13 @@ class ToMeSegBlock(nn.Module):
 
 
 def _make_class(base):
-    class ToMeSegVisionTransformer(base):
-        """The timm model: ToMe state reset at each forward, all N tokens back at the exit (unmerge)."""
-
-        @property
-        def r(self):
-            return self._tome_info["r"]
-
-        @r.setter
-        def r(self, value):
-            self._tome_info["r"] = per_block_r(value, len(self.blocks))
+    class ToMeSegVisionTransformer(_make_tome_vit_class(base)):
+        """The ToMe model, with all N tokens back at the exit (unmerge)."""
 
         def forward_features(self, x, attn_mask=None, is_causal: bool = False):
-            if attn_mask is not None or is_causal:
-                raise NotImplementedError("ToMe: attention masks are not supported")
             info = self._tome_info
-            info["size"], info["tokens"], info["source"] = None, [], None
-            out = super().forward_features(x)
+            info["source"] = None
+            out = super().forward_features(x, attn_mask, is_causal)
             if info["source"] is None:  # nothing merged
                 return out
             return out.gather(1, info["source"].unsqueeze(-1).expand(-1, -1, out.shape[-1]))
@@ -93,17 +82,4 @@ def _make_class(base):
 def patch_tome_seg(model: nn.Module, r: Union[int, Sequence[int]] = 0) -> nn.Module:
     """Turn a timm ``VisionTransformer`` into ToMe with unmerge, in place; returns it. ``r``: tokens merged per
     block (int) or one value per block; ``model.r`` can be changed afterwards."""
-    if getattr(model, "_tome_info", None) is not None:
-        model.r = r
-        return model
-    check_plain_vit_blocks(model, "patch_tome_seg")
-    info = {"r": per_block_r(r, len(model.blocks)), "size": None, "tokens": [], "source": None,
-            "num_prefix": getattr(model, "num_prefix_tokens", 1)}
-    model.__class__ = _make_class(model.__class__)
-    model._tome_info = info
-    for i, blk in enumerate(model.blocks):
-        blk.__class__ = ToMeSegBlock
-        blk.attn.__class__ = ToMeAttention
-        blk._tome_info = info
-        blk._tome_layer = i
-    return model
+    return install_tome(model, r, "patch_tome_seg", _make_class, ToMeSegBlock, source=None)
