@@ -129,6 +129,12 @@ def test_subcommands_chain_with_task_segmentation(tmp_path, capsys):
           str(tmp_path / "scores.pt"), "--keep-rate", "0.5", "--layers", "0", "2", "--out", str(tmp_path / "pm.pth")])
     info = json.loads((tmp_path / "pm.json").read_text())
     assert info["thresholds"] == "per_layer" and info["prune_rate"] == 0.0
+    # the output rules of the classification commands: a checkpoint whose results JSON would overwrite it
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", *common[:7], "--checkpoint", str(tmp_path / "dense.pth"), "--scores",
+              str(tmp_path / "scores.pt"), "--out", str(tmp_path / "clash.json")])
+    assert exc.value.code == 2 and "would overwrite it" in capsys.readouterr().err
+    assert not (tmp_path / "clash.json").exists()
     assert info["K"][1] == info["N"] and info["K"][0] == 64 // 2 + 1, "layer 1 dense, layers 0, 2 at keep 0.5"
     main(["finetune", *common, "--checkpoint", str(tmp_path / "pm.pth"), "--teacher", str(tmp_path / "dense.pth"),
           "--max-iters", "2", "--out", str(tmp_path / "pm_ft.pth")])

@@ -115,11 +115,11 @@ def _run_training(args, device, distill: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _train_ranks(model, data, cfg, teacher, device, info):
+def _train_ranks(model, data, cfg, teacher, device, info, **train_kwargs):
     """``finetune.train``, with a failure of the process group (a peer died, a collective timed out) as one line."""
     from .finetune import train
     try:
-        return train(model, data, cfg, teacher=teacher, device=device)
+        return train(model, data, cfg, teacher=teacher, device=device, **train_kwargs)
     except RuntimeError as err:
         # gloo reports a dead peer as a plain RuntimeError ("Connection closed by peer"); DistError covers the rest
         if not info["distributed"] or not (isinstance(err, torch.distributed.DistError)

@@ -6,30 +6,19 @@ Same files and conventions as the classification commands: checkpoints with ``pm
 """
 import os
 import time
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
+from .commands import _args_dict, _claim, _log, _train_ranks
 from .data import cycle_batches, make_loader
 from .io import PipelineError, load_scores, save_checkpoint, save_json, save_scores
+from .outputs import claim_output, companion_json
 from .seg_data import load_seg_data
 from .segmentation import DIGITS_SEG_VIT, load_segmenter
 
 __all__ = ["cmd_train", "cmd_calibrate", "cmd_compress", "cmd_finetune", "cmd_evaluate", "cmd_visualize",
            "cmd_demo"]
-
-
-def _json_path(out: str) -> str:
-    return os.path.splitext(out)[0] + ".json"
-
-
-def _args_dict(args) -> Dict[str, object]:
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-
-
-def _log(args, msg: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(msg, flush=True)
 
 
 def _data(args, img_size: Optional[int] = None):
@@ -81,11 +70,11 @@ def _checked_data(args, seg):
 
 
 def _run_training(args, device, distill: bool) -> None:
-    from .finetune import init_distributed, train
+    from .finetune import init_distributed
     from .seg_demo import seg_loss
     from .segmentation import segmentation_metrics
 
-    info = init_distributed()
+    info = init_distributed(timeout_s=args.dist_timeout)
     if info["distributed"] and device.type == "cuda":
         device = torch.device("cuda", info["local_rank"])
     if args.checkpoint:
@@ -101,9 +90,10 @@ def _run_training(args, device, distill: bool) -> None:
         elif args.alpha != 0:
             raise PipelineError("finetune: give --teacher (the dense checkpoint) or --alpha 0 for no distillation")
     cfg = _train_config(args, distill)
-    t = time.perf_counter()
-    try:
-        hist = train(seg, data, cfg, teacher=teacher, device=device, base_loss=seg_loss(seg.ignore_index))
+    # As the classification commands: only rank 0 writes and holds the lock; no collective on an error path.
+    with _claim(args, args.checkpoint, getattr(args, "teacher", None), lock=info["rank"] == 0):
+        t = time.perf_counter()
+        hist = _train_ranks(seg, data, cfg, teacher, device, info, base_loss=seg_loss(seg.ignore_index))
         elapsed = time.perf_counter() - t
         if info["rank"] == 0:
             loader = make_loader(data.test, args.batch_size if data.name == "digits" else 1, train=False)
@@ -114,13 +104,11 @@ def _run_training(args, device, distill: bool) -> None:
             save_checkpoint(seg, args.out, dict(meta, stage=stage, data=args.data, train=hist))
             save_json({"command": args.command, "task": "segmentation", "args": _args_dict(args),
                        "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "train_s": elapsed,
-                       "world_size": info["world_size"], "history": hist}, _json_path(args.out))
+                       "world_size": info["world_size"], "history": hist}, companion_json(args.out))
             _log(args, f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on "
                        f"{len(data.test)} validation images; wrote {args.out}")
-    finally:
-        if info["distributed"] and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    if info["distributed"] and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cmd_train(args, device) -> None:
@@ -151,16 +139,18 @@ def cmd_calibrate(args, device) -> None:
     info = dict(task="segmentation", model=meta["model"], model_kwargs=meta["model_kwargs"],
                 depth=len(seg.backbone.blocks), num_patches=seg.backbone.patch_embed.num_patches, iters=args.iters,
                 batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
-    save_scores(scores, args.out, info)
-    save_json({"command": "calibrate", "task": "segmentation", "args": _args_dict(args), "shape": list(scores.shape),
-               "seconds": time.perf_counter() - t}, _json_path(args.out))
+    with _claim(args, args.checkpoint):
+        save_scores(scores, args.out, info)
+        save_json({"command": "calibrate", "task": "segmentation", "args": _args_dict(args),
+                   "shape": list(scores.shape), "seconds": time.perf_counter() - t}, companion_json(args.out))
     _log(args, f"scores {tuple(scores.shape)} from {args.iters} batches (per-pixel cross-entropy); wrote {args.out}")
 
 
 def cmd_compress(args, device) -> None:
     from ..compress import compress
+    from ..structure import default_prune_rate
     thresholds = args.thresholds or "per_layer"
-    prune = args.prune_rate if args.prune_rate is not None else (0.0 if thresholds == "per_layer" else 0.1)
+    prune = args.prune_rate if args.prune_rate is not None else default_prune_rate(thresholds)
     if args.keep_rate + prune > 1.0 + 1e-9:
         raise PipelineError(f"keep rate + prune rate must be <= 1, got {args.keep_rate} + {prune}")
     scores = load_scores(args.scores)["scores"]
@@ -179,11 +169,12 @@ def cmd_compress(args, device) -> None:
         raise PipelineError(f"compress: {str(err).splitlines()[0]}") from None
     n = expected[1] + bb.num_prefix_tokens
     ks = [b.num_kept(n) for b in bb.blocks]
-    save_checkpoint(seg, args.out, dict(meta, stage="compressed", keep_rate=args.keep_rate, prune_rate=prune,
-                                        thresholds=thresholds, layers=args.layers, scores=args.scores, K=ks))
-    save_json({"command": "compress", "task": "segmentation", "args": _args_dict(args), "K": ks, "N": n,
-               "thresholds": thresholds, "prune_rate": prune, "mean_keep": sum(ks) / (len(ks) * n)},
-              _json_path(args.out))
+    with _claim(args, args.checkpoint, args.scores):
+        save_checkpoint(seg, args.out, dict(meta, stage="compressed", keep_rate=args.keep_rate, prune_rate=prune,
+                                            thresholds=thresholds, layers=args.layers, scores=args.scores, K=ks))
+        save_json({"command": "compress", "task": "segmentation", "args": _args_dict(args), "K": ks, "N": n,
+                   "thresholds": thresholds, "prune_rate": prune, "mean_keep": sum(ks) / (len(ks) * n)},
+                  companion_json(args.out))
     _log(args, f"K per block {ks} of N={n} ({thresholds} thresholds, prune rate {prune}); wrote {args.out}")
 
 
@@ -218,9 +209,10 @@ def cmd_evaluate(args, device) -> None:
         r.update({k: v for k, v in extra[r["model"]].items() if v is not None})
     table = format_seg_table(rows)
     print(table)
-    save_json({"command": "evaluate", "task": "segmentation", "args": _args_dict(args), "device": str(device),
-               "threads": torch.get_num_threads(), "rows": rows, "table": table},
-              os.path.join(args.out_dir, "results.json"))
+    with claim_output(args.out_dir, is_dir=True, inputs=paths):
+        save_json({"command": "evaluate", "task": "segmentation", "args": _args_dict(args), "device": str(device),
+                   "threads": torch.get_num_threads(), "rows": rows, "table": table},
+                  os.path.join(args.out_dir, "results.json"))
     _log(args, f"wrote {args.out_dir}/results.json")
 
 
@@ -233,16 +225,17 @@ def cmd_visualize(args, device) -> None:
         raise PipelineError(f"index {args.index}: expected 0 <= index < {len(data.test)} (validation images)")
     image, labels = data.test[args.index]
     seg = seg.cpu().eval()
-    render_structure(seg.backbone, image if image.shape[-1] == _img_size(seg) else image[..., :_img_size(seg),
-                                                                                         :_img_size(seg)],
-                     args.out, data.mean, data.std,
-                     title=f"{meta.get('model')} keep {meta.get('keep_rate', 1.0)}: centres (dots), merged (centre "
-                           "colour), pruned (black)")
+    size = _img_size(seg)
+    shown = image if image.shape[-1] == size else image[..., :size, :size]
     pred_path = os.path.splitext(args.out)[0] + "_prediction.png"
-    render_predictions({"model": seg}, image[None], labels[None], pred_path, data.mean, data.std, seg.num_classes,
-                       window=(_img_size(seg),) * 2)
-    save_json({"command": "visualize", "task": "segmentation", "args": _args_dict(args),
-               "files": [args.out, pred_path]}, _json_path(args.out))
+    with _claim(args, args.checkpoint):
+        render_structure(seg.backbone, shown, args.out, data.mean, data.std,
+                         title=f"{meta.get('model')} keep {meta.get('keep_rate', 1.0)}: centres (dots), merged "
+                               "(centre colour), pruned (black)")
+        render_predictions({"model": seg}, image[None], labels[None], pred_path, data.mean, data.std,
+                           seg.num_classes, window=(size, size))
+        save_json({"command": "visualize", "task": "segmentation", "args": _args_dict(args),
+                   "files": [args.out, pred_path]}, companion_json(args.out))
     _log(args, f"wrote {args.out} and {pred_path}")
 
 
