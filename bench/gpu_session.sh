@@ -6,12 +6,12 @@
 #   bash bench/gpu_session.sh build     # build pm_kernels._C for this GPU's torch, print backends()
 #   bash bench/gpu_session.sh test [pytest args]   # the test suite on the GPU (the GPU-only matrix runs first);
 #                                   # autotuning compiles every config once, so split it if a call runs out:
-#                                   # `test tests/test_attention.py`, then `test tests --deselect tests/test_attention.py`
+#                                   # `test tests/ops/test_attention.py`, then `test tests --deselect tests/ops/test_attention.py`
 #   bash bench/gpu_session.sh kernels   # pytest-benchmark: attention vs SDPA / eager + hook, token ops
 #   bash bench/gpu_session.sh compare   # bench/compare.py: DeiT-T/S/B, bf16, batch 256, eager + compiled
 #
 # GPU_SESSION_ON_CPU=1 runs every step on a CPU with the GPU parts skipped (no nvidia-smi, no extension build,
-# compare on DeiT-T at batch 2, no compile): tests/test_gpu_session.py does, so that the script cannot rot.
+# compare on DeiT-T at batch 2, no compile): tests/bench/test_gpu_session.py does, so that the script cannot rot.
 # The build lands in the working tree (pm_kernels/_C*.so, build/), which the device tool keeps between calls
 # while the machine stays warm; on a fresh machine run `build` again first.
 set -uo pipefail

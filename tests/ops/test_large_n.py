@@ -21,7 +21,7 @@ import pm_kernels  # noqa: E402
 from pm_kernels import dispatch, reference as ref, token_ops  # noqa: E402
 from pm_kernels.structure import build_merge_matrix, init_reconstruct, search_structure  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: triton_aot.py
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 N_LARGE = 4100  # > 4096: past 2^12 and past every power-of-two block of 4096, ragged last blocks
 needs_triton = pytest.mark.skipif(not dispatch.usable("triton", torch.device(DEVICE)),
@@ -119,10 +119,10 @@ def test_gpu_launches_never_hold_more_than_the_fused_tile():
     code = ("import json, sys, torch; sys.path.insert(0, %r); import triton_aot as ta\n"
             "for n in (785, 1025, 1601, 4097):\n"
             "    for l in ta.token_op_launches(1, n, int(0.7 * n), int(0.6 * n), 64, torch.bfloat16):\n"
-            "        print(json.dumps({'n': n, 'kernel': l.name, 'block_n': l.constexprs.get('BLOCK_N')}))\n" % HERE)
+            "        print(json.dumps({'n': n, 'kernel': l.name, 'block_n': l.constexprs.get('BLOCK_N')}))\n" % TESTS)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(HERE))
+                          cwd=os.path.dirname(TESTS))
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, proc.stderr[-2000:]
     fused = [r for r in rows if r["kernel"].startswith("_reconstruct_merge")]

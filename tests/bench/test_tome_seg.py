@@ -5,7 +5,7 @@ import sys
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root: bench
 
 from bench.peers.tome import bipartite_soft_matching, patch_tome  # noqa: E402
 from bench.peers.tome_seg import bipartite_matching_with_map, patch_tome_seg  # noqa: E402

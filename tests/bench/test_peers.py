@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root: bench
 
 from bench.peers import (default_locations, dense_flops, dims_from_config, evit_flops,  # noqa: E402
                          match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, pm_flops,

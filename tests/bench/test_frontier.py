@@ -9,7 +9,7 @@ import torch
 
 import pm_kernels
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root: bench
 
 from bench import pareto  # noqa: E402
 from bench.frontier import accuracy as acc  # noqa: E402

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: triton_aot.py
 
 
 def _compiler_available() -> bool:
@@ -29,8 +29,8 @@ def quick_rows():
     if not _compiler_available():
         pytest.skip("this triton has no NVIDIA backend / ptxas to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--quick", "--json"],
-                          capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE), timeout=900)
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, "triton_aot.py"), "--quick", "--json"],
+                          capture_output=True, text=True, env=env, cwd=os.path.dirname(TESTS), timeout=900)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, f"no launch compiled; stderr:\n{proc.stderr[-3000:]}"
     return rows

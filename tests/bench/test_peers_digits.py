@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root: bench
 
 from bench import peers_digits as pdg  # noqa: E402
 from bench.peers import dims_from_model, match_evit_keep_rate, match_tome_r, patch_evit, patch_tome  # noqa: E402

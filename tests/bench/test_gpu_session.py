@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_session.sh")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="bench/gpu_session.sh needs bash")
@@ -40,7 +40,7 @@ def test_build(tmp_path):
 
 @slow
 def test_test(tmp_path):
-    proc, text = _run(tmp_path, "test", "tests/test_flop_count.py::test_attention_ops_are_counted")
+    proc, text = _run(tmp_path, "test", "tests/ops/test_flop_count.py::test_attention_ops_are_counted")
     assert proc.returncode == 0, text
     log = (tmp_path / "tests.log").read_text()
     assert "1 passed" in log
