@@ -21,38 +21,10 @@ import torch
 from torch import nn
 
 from ._checks import check_rate
+from .measure.macs import pm_macs
 from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
-
-
-def _linear_macs_per_token(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = None) -> int:
-    """MACs of one image through a PM-compressed timm ViT (or EVA) whose block ``l`` works on ``kept[l]`` tokens,
-    merged from and reconstructed to all N tokens; a block with ``kept[l]`` = N is the identity (a plain block).
-    ``num_patches``: the patch count of the image size (default the model's)."""
-    blocks = list(model.blocks)
-    if len(kept) != len(blocks):
-        raise ValueError(f"kept: expected one token count per block ({len(blocks)}), got {len(kept)}")
-    pe = model.patch_embed
-    n_patches = pe.num_patches if num_patches is None else int(num_patches)
-    n = n_patches + getattr(model, "num_prefix_tokens", 1)
-    c = model.embed_dim
-    conv = pe.proj
-    macs = n_patches * conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels // conv.groups
-    for blk, k in zip(blocks, kept):
-        k = int(k)
-        if not 0 < k <= n:
-            raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        attn_dim = blk.attn.num_heads * blk.attn.head_dim
-        macs += k * _linear_macs_per_token(blk) + 2 * k * k * attn_dim + (2 * k * n * c if k < n else 0)
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Module):
-        macs += _linear_macs_per_token(head)
-    return macs
 
 
 @dataclass
