@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..segmenter import IGNORE_INDEX
-from .data import DataBundle
-from .io import PipelineError
+from ...segmenter import IGNORE_INDEX
+from ..data import DataBundle
+from ..io import PipelineError
 
 __all__ = ["DigitsSegmentation", "digits_segmentation", "ADE20K", "ade20k", "load_seg_data", "DIGITS_SEG_CLASSES",
            "DIGITS_SEG_SIZE", "ADE_MEAN", "ADE_STD"]
@@ -206,8 +206,11 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
                       std=tuple(std))
 
 
-def load_seg_data(spec: str, img_size: Optional[int] = None) -> DataBundle:
-    """``digits`` (the embedded task) or an ADE20K-layout folder."""
+def load_seg_data(spec: str, img_size: Optional[int] = None, **options) -> DataBundle:
+    """``digits`` (the embedded task; ``options``: ``n_train``, ``n_val``, ``background_noise``) or an
+    ADE20K-layout folder."""
     if spec == "digits":
-        return digits_segmentation(img_size=img_size or DIGITS_SEG_SIZE)
+        return digits_segmentation(img_size=img_size or DIGITS_SEG_SIZE, **options)
+    if options:
+        raise PipelineError(f"data {spec}: options {', '.join(sorted(options))} are for the digits canvases only")
     return ade20k(spec, crop_size=img_size or 512)
