@@ -74,7 +74,9 @@ def load_segmenter(checkpoint: Optional[str], name: Optional[str] = None, num_cl
         backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     elif state is not None:  # a classifier's weights: the backbone, less its head
         backbone_state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
-    given = dict(meta["model_kwargs"], **(extra_kwargs or {}), num_classes=0)  # the decoder is the head
+    given = dict(meta["model_kwargs"], **(extra_kwargs or {}))
+    if not is_seg:  # the decoder is the head: a classifier's head count is dropped with its head
+        given["num_classes"] = 0
     kwargs = resolve_kwargs(family, arch, given, backbone_state, source)
     head = {"decoder": decoder or "mask", "num_classes": num_classes, "decoder_depth": 2}
     if is_seg:

@@ -202,6 +202,8 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
     root = inner if os.path.isdir(inner) else root
     train = ADE20K(root, "training", crop_size, train=True, mean=mean, std=std)
     val = ADE20K(root, "validation", crop_size, train=False, mean=mean, std=std)
+    for split in (train, val):  # fail now, not in the middle of a run, when a split's first pair does not decode
+        split._read(0)
     return DataBundle(root, train, val, num_classes=150, in_chans=3, img_size=crop_size, mean=tuple(mean),
                       std=tuple(std))
 
