@@ -79,6 +79,9 @@ def test_a_busy_output_is_refused_before_the_work(inputs, tmp_path, capsys, monk
             main([command, *task_args(task), "--quiet", "--threads", "1", *argv])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "in use by another pm-kernels run" in lines[0], lines
+    assert f"pid {os.getpid()}" in lines[0]  # the first run is named
+    # nothing written, and the first run's lock file is gone with it
+    assert os.listdir(out if out.is_dir() else tmp_path) == []
 
 
 @every_task
