@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args):
     import torch
 
-    from .pipeline.demo import default_threads
+    from .measure.timing import free_cores
     from .pipeline.io import PipelineError
-    torch.set_num_threads(args.threads or default_threads())
+    torch.set_num_threads(args.threads or free_cores())
     torch.manual_seed(args.seed)
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@
              the environment a figure was measured in (device, versions, threads, load, date, command)
 """
 from .macs import analytic_macs, kept_tokens, pm_macs, traced_macs
-from .timing import Rates, environment, finish_environment, forward, time_interleaved
+from .timing import Rates, environment, finish_environment, forward, free_cores, time_interleaved
 
-__all__ = ["analytic_macs", "environment", "finish_environment", "forward", "kept_tokens", "pm_macs", "Rates",
-           "time_interleaved", "traced_macs"]
+__all__ = ["analytic_macs", "environment", "finish_environment", "forward", "free_cores", "kept_tokens", "pm_macs",
+           "Rates", "time_interleaved", "traced_macs"]

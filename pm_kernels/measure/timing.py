@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 __all__ = ["Rates", "forward", "time_interleaved", "environment", "finish_environment", "cpu_name", "versions",
-           "UNDER_LOAD"]
+           "free_cores", "UNDER_LOAD"]
 
 # 1-minute load average above which the cores were not ours alone (at the end, beyond the threads we ran)
 UNDER_LOAD = 0.5
@@ -123,6 +123,23 @@ def time_interleaved(cases: Mapping[str, Callable[[], object]], items: Union[int
 
 
 # ------------------------------------------------------------------------------------------------ environment
+
+def free_cores() -> int:
+    """CPU threads worth using: the cores this process may use, less the current load, at least 1.
+
+    On a shared, busy CPU, extra OpenMP threads spin against other processes and slow matmuls down several
+    times over; one thread per free core avoids that.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
 
 def cpu_name() -> str:
     try:

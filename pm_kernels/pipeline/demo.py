@@ -24,24 +24,7 @@ from .finetune import TrainConfig, train
 from .io import save_checkpoint, save_json, save_scores
 from .tasks.base import DemoConfig
 
-__all__ = ["run_demo", "default_threads", "DemoConfig"]
-
-
-def default_threads() -> int:
-    """CPU threads for torch: the cores this process may use, less the current load, at least 1.
-
-    On a shared, busy CPU, extra OpenMP threads spin against other processes and slow matmuls down several
-    times over; one thread per free core avoids that.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(cores, int(cores - load + 0.5)))
+__all__ = ["run_demo", "DemoConfig"]
 
 
 def _train_configs(cfg: DemoConfig, progress: bool):
