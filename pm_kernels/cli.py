@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX file or torch.export program (.pt2) of a PM checkpoint, folded")
     _common(p, data=False)
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--format", choices=["onnx", "pt2"], help="default: from the --out extension")
+    from .deploy import FORMATS
+    p.add_argument("--format", choices=FORMATS, help="default: from the --out extension")
     p.add_argument("--batch-size", type=_positive(), default=1, help="batch of the example and of --verify")
     p.add_argument("--static-batch", action="store_true", help="the file takes only --batch-size images")
     p.add_argument("--opset", type=_positive(), help="ONNX opset (>= 18; default: the exporter's)")
