@@ -8,10 +8,11 @@ One step moves every layer's K by about one token: about 1/P of the compressible
 a few % for the 64-patch digits ViT), so a target is met to within half a step.
 
 MACs (1 multiply-accumulate = 1 FLOP, the literature's GFLOPs; ``FlopCounterMode`` FLOPs / 2): the patch
-embedding, every ``nn.Linear`` inside a block on K tokens (qkv, projection, MLP of any width or gating), the
-attention products 2·K²·(heads · head dim), the merge and reconstruct products 2·K·N·C of a compressed block
-(an identity block, K = N, is a plain block without them), and the head's linear layers on one token; norms,
-activations, softmax and rotary embeddings are not counted.
+embedding, every linear map inside a layer on K tokens (qkv, projection, MLP of any width or gating), the
+attention products 2·K²·(heads · head dim), the merge and reconstruct products 2·K·N·C of a compressed layer
+(an identity layer, K = N, is a plain layer without them), and the head's linear layers on the token(s) it
+reads; norms, activations, softmax and rotary embeddings are not counted. The model's host says what each part
+is (``Host.embed_macs``, ``layer_macs_per_token``, ``attention_width``, ``head_macs``).
 """
 import math
 from dataclasses import dataclass
@@ -21,38 +22,32 @@ import torch
 from torch import nn
 
 from ._checks import check_rate
+from .hosts import host_of
 from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
 
 
-def _linear_macs_per_token(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
 def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = None) -> int:
-    """MACs of one image through a PM-compressed timm ViT (or EVA) whose block ``l`` works on ``kept[l]`` tokens,
-    merged from and reconstructed to all N tokens; a block with ``kept[l]`` = N is the identity (a plain block).
-    ``num_patches``: the patch count of the image size (default the model's)."""
-    blocks = list(model.blocks)
-    if len(kept) != len(blocks):
-        raise ValueError(f"kept: expected one token count per block ({len(blocks)}), got {len(kept)}")
-    pe = model.patch_embed
-    n_patches = pe.num_patches if num_patches is None else int(num_patches)
-    n = n_patches + getattr(model, "num_prefix_tokens", 1)
-    c = model.embed_dim
-    conv = pe.proj
-    macs = n_patches * conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels // conv.groups
-    for blk, k in zip(blocks, kept):
+    """MACs of one image through a PM-compressed ViT of any supported host whose layer ``l`` works on
+    ``kept[l]`` tokens, merged from and reconstructed to all N tokens; a layer with ``kept[l]`` = N is the
+    identity (a plain layer). ``num_patches``: the patch count of the image size (default the model's)."""
+    host = host_of(model)
+    layers = host.layers(model)
+    if len(kept) != len(layers):
+        raise ValueError(f"kept: expected one token count per layer ({len(layers)}), got {len(kept)}")
+    h, w = host.grid(model)
+    n_patches = h * w if num_patches is None else int(num_patches)
+    n = n_patches + host.num_prefix(model)
+    c = host.embed_dim(model)
+    macs = host.embed_macs(model, n_patches)
+    for layer, k in zip(layers, kept):
         k = int(k)
         if not 0 < k <= n:
             raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        attn_dim = blk.attn.num_heads * blk.attn.head_dim
-        macs += k * _linear_macs_per_token(blk) + 2 * k * k * attn_dim + (2 * k * n * c if k < n else 0)
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Module):
-        macs += _linear_macs_per_token(head)
-    return macs
+        macs += (k * host.layer_macs_per_token(layer) + 2 * k * k * host.attention_width(layer)
+                 + (2 * k * n * c if k < n else 0))
+    return macs + host.head_macs(model)
 
 
 @dataclass
@@ -84,9 +79,9 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     """The keep rate whose structure (``search_structure(scores, keep_rate, prune_rate, depth_discount,
     thresholds=, layers=)``, the same arguments as ``compress``) does the GMACs nearest ``target_gmacs``.
 
-    model_or_macs: the timm ViT to be compressed (MACs by ``pm_macs``), or a function of the structure (one
+    model_or_macs: the ViT to be compressed (MACs by ``pm_macs``), or a function of the structure (one
     ``LayerStructure`` per layer) returning its GMACs, e.g. a latency model.
-    num_prefix: the prefix tokens (default the model's ``num_prefix_tokens``; 1 with a function).
+    num_prefix: the prefix tokens (default the model's; 1 with a function).
     Raises ValueError when the target is outside what the keep rates reach at this prune rate.
     """
     if isinstance(target_gmacs, bool) or not isinstance(target_gmacs, (int, float)) or not target_gmacs > 0 \
@@ -98,12 +93,12 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     if isinstance(model_or_macs, nn.Module):
         model = model_or_macs
         if num_prefix is None:
-            num_prefix = getattr(model, "num_prefix_tokens", 1)
+            num_prefix = host_of(model).num_prefix(model)
         gmacs_of = lambda st: pm_macs(model, [s.keep for s in st], scores.shape[1]) / 1e9  # noqa: E731
     elif callable(model_or_macs):
         gmacs_of = model_or_macs
     else:
-        raise TypeError(f"model_or_macs: expected a timm ViT or a function of the structure, "
+        raise TypeError(f"model_or_macs: expected a ViT or a function of the structure, "
                         f"got {type(model_or_macs).__name__}")
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"scores: expected a tensor of shape (L, num_patches), got "
