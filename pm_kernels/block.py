@@ -1,32 +1,20 @@
-"""The Prune-and-Merge block of SPEC §1, written once, and the checks of a block's structure.
+"""The checks of a Prune-and-Merge block's structure and input (SPEC §1):
 
     shortcut = (1 − m) ⊙ x                 pruned tokens only
     z = M x                                 K tokens (merge)
-    z = z + Attn(LN1(z)); z = z + MLP(LN2(z))      the block's own body, on K tokens
+    z = z + Attn(LN1(z)); z = z + MLP(LN2(z))      the layer's own body, on K tokens
     out = R z + shortcut                    all N tokens back (reconstruct)
 
-``ViTBody.body`` is the pre-norm body of a timm ``Block`` (EVA's lives in ``pm_kernels.eva``); every PM block
-class has a ``body``, and ``pm_kernels.layers`` runs merge → body → reconstruct (one block) or the chained form
-with fused boundaries (``PMBlocks``); ``optimize`` runs the same ``body`` between folded boundaries.
+Every PM layer class has a ``body`` (its host's layer computation); ``pm_kernels.layers`` runs merge → body →
+reconstruct (one layer) or the chained form with fused boundaries (``PMBlocks``); ``optimize`` runs the same
+``body`` between folded boundaries; ``pm_model.fused_block`` is the functional form.
 """
-from typing import Optional
-
 import torch
-from torch import nn
 
 from . import token_ops
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
-__all__ = ["fused_block", "ViTBody", "check_structure", "check_tokens"]
-
-
-class ViTBody:
-    """The ordinary pre-norm ViT block (timm ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2)
-    on the K merged tokens; a method, so TorchScript compiles it with the block."""
-
-    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z = z + self.drop_path1(self.ls1(self.attn(self.norm1(z))))
-        return z + self.drop_path2(self.ls2(self.mlp(self.norm2(z))))
+__all__ = ["check_structure", "check_tokens"]
 
 
 def check_structure(M, R, keep_mask, n_tokens: int, where: str = "", values: bool = True) -> None:
@@ -54,18 +42,3 @@ def check_tokens(x: torch.Tensor, n_tokens: int, ref: torch.Tensor) -> None:
                          f"got shape {tuple(x.shape)}")
     if x.device != ref.device:
         raise ValueError(f"x: expected a tensor on {ref.device} like the block's M, got {x.device}")
-
-
-def fused_block(x: torch.Tensor, block: nn.Module, M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor,
-                *, backend: str = "auto") -> torch.Tensor:
-    """One PM block: x (B, N, C), M (K, N), R (N, K), keep_mask bool (N,) → (B, N, C).
-
-    ``block`` is a timm pre-norm ``Block`` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2) or any
-    PM block (its own ``body``). ``backend`` picks the merge/reconstruct kernels (auto | cuda | triton | torch).
-    """
-    token_ops.check_x("x", x)
-    check_structure(M, R, keep_mask, x.shape[1], values=False)
-    check_same_device(x=x, M=M)
-    z = token_ops.run_merge(x, M, backend)
-    z = block.body(z) if hasattr(block, "body") else ViTBody.body(block, z)
-    return token_ops.run_reconstruct(z, R, x, keep_mask, backend)

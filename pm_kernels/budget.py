@@ -8,10 +8,11 @@ One step moves every layer's K by about one token: about 1/P of the compressible
 a few % for the 64-patch digits ViT), so a target is met to within half a step.
 
 MACs (1 multiply-accumulate = 1 FLOP, the literature's GFLOPs; ``FlopCounterMode`` FLOPs / 2): the patch
-embedding, every ``nn.Linear`` inside a block on K tokens (qkv, projection, MLP of any width or gating), the
-attention products 2·K²·(heads · head dim), the merge and reconstruct products 2·K·N·C of a compressed block
-(an identity block, K = N, is a plain block without them), and the head's linear layers on one token; norms,
-activations, softmax and rotary embeddings are not counted.
+embedding, every linear map inside a layer on K tokens (qkv, projection, MLP of any width or gating), the
+attention products 2·K²·(heads · head dim), the merge and reconstruct products 2·K·N·C of a compressed layer
+(an identity layer, K = N, is a plain layer without them), and the head's linear layers on the token(s) it
+reads; norms, activations, softmax and rotary embeddings are not counted. The model's host says what each part
+is (``Host.embed_macs``, ``layer_macs_per_token``, ``attention_width``, ``head_macs``).
 """
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ._checks import check_rate
+from .hosts import host_of
 from .measure.macs import pm_macs
 from .structure import LayerStructure, default_prune_rate, search_structure
 
@@ -56,9 +58,9 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     """The keep rate whose structure (``search_structure(scores, keep_rate, prune_rate, depth_discount,
     thresholds=, layers=)``, the same arguments as ``compress``) does the GMACs nearest ``target_gmacs``.
 
-    model_or_macs: the timm ViT to be compressed (MACs by ``pm_macs``), or a function of the structure (one
+    model_or_macs: the ViT to be compressed (MACs by ``pm_macs``), or a function of the structure (one
     ``LayerStructure`` per layer) returning its GMACs, e.g. a latency model.
-    num_prefix: the prefix tokens (default the model's ``num_prefix_tokens``; 1 with a function).
+    num_prefix: the prefix tokens (default the model's; 1 with a function).
     Raises ValueError when the target is outside what the keep rates reach at this prune rate.
     """
     if isinstance(target_gmacs, bool) or not isinstance(target_gmacs, (int, float)) or not target_gmacs > 0 \
@@ -70,12 +72,12 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     if isinstance(model_or_macs, nn.Module):
         model = model_or_macs
         if num_prefix is None:
-            num_prefix = getattr(model, "num_prefix_tokens", 1)
+            num_prefix = host_of(model).num_prefix(model)
         gmacs_of = lambda st: pm_macs(model, [s.keep for s in st], scores.shape[1]) / 1e9  # noqa: E731
     elif callable(model_or_macs):
         gmacs_of = model_or_macs
     else:
-        raise TypeError(f"model_or_macs: expected a timm ViT or a function of the structure, "
+        raise TypeError(f"model_or_macs: expected a ViT or a function of the structure, "
                         f"got {type(model_or_macs).__name__}")
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"scores: expected a tensor of shape (L, num_patches), got "

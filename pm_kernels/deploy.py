@@ -20,10 +20,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .optimize import OptimizedPM, optimize
-from .layers import PMAttentionMixin
-from .patch import is_patched
-from .segmenter import OptimizedSegmenter, Segmenter
+from .hosts import resolve
+from .hosts.base import resolve_task
+from .optimize import optimize
+from .pm_model import is_patched
 
 __all__ = ["export", "load_exported", "FORMATS"]
 
@@ -41,29 +41,40 @@ def _require(packages: Sequence[str], what: str) -> None:
 
 
 def _pm_model_and_dtype(model) -> Tuple[torch.nn.Module, Optional[torch.dtype]]:
-    """The PM model behind ``model`` (itself, or the one an ``OptimizedPM`` / ``OptimizedSegmenter`` folds; a
-    ``Segmenter`` whose backbone is a PM model) and the folded dtype."""
-    if isinstance(model, OptimizedPM):
-        return model.model, model.folded_dtype
-    if isinstance(model, OptimizedSegmenter):
-        return model.segmenter, model.features.folded_dtype
-    if isinstance(model, Segmenter):
-        if not is_patched(model.backbone):
-            raise TypeError("model: a Segmenter whose backbone is not a PM model (pm_kernels.patch_timm / compress "
-                            "the segmenter first)")
-        return model, None
+    """The PM model behind ``model`` (itself, a task model whose backbone is a PM model, or the model an
+    ``optimize`` form folds: its ``pm_source``) and the folded dtype."""
+    source = getattr(model, "pm_source", None)
+    if isinstance(source, torch.nn.Module):
+        return source, model.folded_dtype
     if is_patched(model):
         return model, None
-    raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm / compress) or its pm_kernels.optimize "
-                    f"form, got {type(model).__name__}"
-                    + (" (a dense timm model: call pm_kernels.patch_timm on it first)"
-                       if type(model).__name__ == "VisionTransformer" else ""))
+    if resolve_task(model)[1] is not None:
+        name = type(model).__name__
+        raise TypeError(f"model: a {name} whose backbone is not a PM model (pm_kernels.patch / compress the "
+                        f"{name} first)")
+    raise TypeError(f"model: expected a PM model (pm_kernels.patch / compress), a task model with a PM backbone, "
+                    f"or their pm_kernels.optimize form, got {type(model).__name__} (call pm_kernels.patch on a "
+                    "dense model first)")
+
+
+class _Exported(torch.nn.Module):
+    """images → the tensor(s) the file returns: the host's outputs of a host model (e.g. a transformers
+    ``ModelOutput`` → its tensors), a task model's output as it is."""
+
+    def __init__(self, folded: torch.nn.Module, outputs):
+        super().__init__()
+        self.folded = folded
+        self.outputs = outputs
+
+    def forward(self, images: torch.Tensor):
+        return self.outputs(self.folded(images))
 
 
 def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.Tensor:
-    patch_embed = pm.backbone.patch_embed if isinstance(pm, Segmenter) else pm.patch_embed
-    ref = patch_embed.proj.weight
-    chans, size = ref.shape[1], tuple(patch_embed.img_size)
+    host, backbone = resolve(pm)
+    ref = host.reference_tensor(backbone)
+    (h, w), (ph, pw) = host.grid(backbone), host.patch_size(backbone)
+    chans, size = host.in_chans(backbone), (h * ph, w * pw)
     expected = f"a (B, {chans}, {size[0]}, {size[1]}) tensor"
     if example_inputs is None:
         # batch 2: torch.export specialises a dimension whose example size is 1, so it could not stay dynamic
@@ -89,7 +100,8 @@ def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.
 def _traceable(pm: torch.nn.Module):
     """Attention on the torch backend (SDPA: standard ops, no custom op) and eval mode, restored afterwards."""
     missing = object()
-    saved = [(m, m.__dict__.get("backend", missing)) for m in pm.modules() if isinstance(m, PMAttentionMixin)]
+    host, backbone = resolve(pm)
+    saved = [(m, m.__dict__.get("backend", missing)) for m in map(host.attention, host.layers(backbone))]
     modes = [(m, m.training) for m in pm.modules()]
     try:
         for attn, _ in saved:
@@ -127,9 +139,10 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
            dynamic_batch: bool = True, opset: Optional[int] = None) -> str:
     """Fold ``model`` with ``optimize`` and export it to ``path``; returns the path.
 
-    model: a PM model (``patch_timm`` / ``compress``, identity structure included), a ``pm_kernels.Segmenter``
-    with a PM backbone (the file maps images to per-pixel logits at the model's image size), or their
-    ``optimize`` form.
+    model: a PM model of any host (``patch`` / ``compress``, identity structure included), a task model with a
+    PM backbone (a ``pm_kernels.Segmenter``: the file maps images to per-pixel logits at the model's image
+    size), or their ``optimize`` form. A host model's file returns what its host exports of the model's output
+    (timm: the logits; transformers: the tensors of the ``ModelOutput``).
     format: "onnx" (``torch.onnx.export(dynamo=True)``; needs onnx + onnxscript) or "pt2" (``torch.export``
     program, ``torch.export.save``). example_inputs: an images tensor (B, C, H, W) to trace with (default: random
     at the model's size, dtype and device). dynamic_batch: the file accepts any batch size (default), else only
@@ -157,8 +170,10 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
     x = _example(pm, example_inputs, dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
 
+    host, backbone = resolve(pm)
     with _traceable(pm), torch.no_grad():
-        folded = optimize(pm, backend="torch", dtype=dtype)
+        folded = _Exported(optimize(pm, backend="torch", dtype=dtype),
+                           host.export_outputs if backbone is pm else (lambda outputs: outputs))
         if format == "pt2":
             program = torch.export.export(folded, (x,), dynamic_shapes=dynamic_shapes)
             _write_into(path, lambda tmp: torch.export.save(program, tmp))

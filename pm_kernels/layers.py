@@ -1,11 +1,12 @@
-"""The modules of a PM model: ``PMAttention``, ``PMBlock`` and ``PMBlocks`` (what ``patch_timm`` swaps in).
+"""The host-neutral parts of a PM model: the state of a PM attention and a PM layer, and the fused chain.
 
-A PM block is a timm block subclass. A block with a structure holds parameters ``M`` (K×N), ``R`` (N×K) and a
-bool buffer ``keep_mask`` (N,); its ``forward`` is SPEC §1: merge → ``body`` (the family's own math, on K
-tokens) → reconstruct. A block without one (the identity structure, ``M is None``) is the dense block: no
-product by I, any token count. ``PMBlocks`` (a model's ``blocks``) runs the blocks with each boundary between
-two compressed blocks fused into one ``reconstruct_merge``. The structure is validated when it changes
-(``set_structure``, checkpoint load); a forward checks only its input x.
+A PM layer is a host's own layer class with ``PMBlockMixin`` (the hosts make the subclasses: timm's ``PMBlock``,
+transformers' and open_clip's layers). A layer with a structure holds parameters ``M`` (K×N), ``R`` (N×K) and a
+bool buffer ``keep_mask`` (N,); its ``pm_forward`` is SPEC §1: merge → ``body`` (the host layer's own math, on K
+tokens) → reconstruct. A layer without one (the identity structure, ``M is None``) is the dense layer: no
+product by I, any token count. ``PMBlocks`` runs a list of PM layers with each boundary between two compressed
+layers fused into one ``reconstruct_merge``. The structure is validated when it changes (``set_structure``,
+checkpoint load); a forward checks only its input x.
 
 TorchScript (``torch.jit.script``) and FX symbolic tracing see the same math in standard ops (SDPA, matmuls),
 not the dispatch; torch.compile and torch.export trace the custom ops themselves.
@@ -14,16 +15,14 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
 import torch.fx._symbolic_trace as _fx
 from torch.utils.checkpoint import checkpoint
 
 from . import dispatch, token_ops
 from .attention import attention_features, run_attention
-from .block import ViTBody, check_structure, check_tokens
+from .block import check_structure, check_tokens
 
-__all__ = ["PMAttention", "PMBlock", "PMBlockMixin", "PMBlocks"]
+__all__ = ["PMAttentionMixin", "PMBlockMixin", "PMBlocks", "attend"]
 
 
 def _no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
@@ -53,7 +52,8 @@ def _fx_symbolic_tracing() -> bool:
 # --------------------------------------------------------------------------------------------- attention
 
 class PMAttentionMixin:
-    """The core of a PM attention layer: ``pm_kernels.attention`` (fused, and able to emit the SPEC §3 score).
+    """The state of a PM attention: its core is ``pm_kernels.attention`` (fused, and able to emit the SPEC §3
+    score). ``init_pm`` also works on a host's attention module that is not swapped (as a plain function).
 
     ``score_accumulator``: when set to a float32 (N,) tensor, the backward pass adds Σ_{b,h,q} P ⊙ dP into it.
     ``backend``: auto | triton | torch (set by ``pm_kernels.set_backend``).
@@ -63,46 +63,32 @@ class PMAttentionMixin:
         self.backend: str = "auto"
         self.score_accumulator: Optional[torch.Tensor] = None
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        dropout_p = self.attn_drop.p if self.training else 0.0
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                dropout_p: float) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         else:
-            return self._attend_dispatched(q, k, v, dropout_p)
-
-    @torch.jit.unused
-    def _attend_dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        if _fx_symbolic_tracing():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
-        score = self.score_accumulator
-        name = dispatch.select("attention", self.backend, q.device, q.dtype, head_dim=q.shape[-1],
-                               features=attention_features(score, dropout_p), arg="q")
-        return run_attention(q, k, v, float(self.scale), score, dropout_p, name)
+            return attend(self, q, k, v, scale, dropout_p)
 
 
-class PMAttention(PMAttentionMixin, Attention):
-    """timm ``Attention`` whose core is ``pm_kernels.attention``."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = self._attend(q, k, v)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+@torch.jit.unused
+def attend(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """q, k, v (B, H, N, D) → (B, H, N, D) through ``pm_kernels.attention`` on ``module``'s backend, adding the
+    SPEC §3 score into ``module.score_accumulator`` when it is set (FX symbolic tracing sees SDPA)."""
+    if _fx_symbolic_tracing():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    score = getattr(module, "score_accumulator", None)
+    backend = getattr(module, "backend", "auto")
+    name = dispatch.select("attention", backend, q.device, q.dtype, head_dim=q.shape[-1],
+                           features=attention_features(score, dropout_p), arg="q")
+    return run_attention(q, k, v, float(scale), score, dropout_p, name)
 
 
 # ------------------------------------------------------------------------------------------------- blocks
 
 class PMBlockMixin:
-    """SPEC §1 around a family's ``body``: M, R, keep_mask (or none: the identity), their installation."""
+    """SPEC §1 around a host layer's ``body(z, *extra)``: M, R, keep_mask (or none: the identity), their
+    installation. ``pm_grid``: the patch grid the installed structure is for (set by the installer)."""
 
     structure_keys = ("M", "R", "keep_mask")  # state-dict entries of a structure (a family may add its own)
 
@@ -110,6 +96,7 @@ class PMBlockMixin:
         """State of a swapped-in block: the identity structure (no M, R, keep_mask)."""
         self.backend: str = "auto"
         self.num_prefix: int = num_prefix
+        self.pm_grid: Optional[Tuple[int, int]] = None
         self.register_parameter("M", None)
         self.register_parameter("R", None)
         self.register_buffer("keep_mask", None)
@@ -169,6 +156,7 @@ class PMBlockMixin:
         """The identity structure: the dense block, no M, R, keep_mask."""
         self.M = self.R = None
         self.keep_mask = None
+        self.pm_grid = None
 
     def _check_prefix_kept(self, keep_mask: torch.Tensor, name: str) -> None:
         if keep_mask.device.type != "meta" and not bool(keep_mask[:self.num_prefix].all()):
@@ -213,15 +201,6 @@ def _is_identity(M: torch.Tensor, R: torch.Tensor, keep_mask: torch.Tensor) -> b
         return False
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     return bool(keep_mask.all()) and torch.equal(M, eye) and torch.equal(R, eye.to(R.dtype))
-
-
-class PMBlock(PMBlockMixin, ViTBody, Block):
-    """timm pre-norm ``Block`` computing the PM block of SPEC §1 with its own ``M``, ``R`` and ``keep_mask``."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
-        return self.pm_forward(x)
 
 
 # ------------------------------------------------------------------------------------------- the chain

@@ -1,4 +1,4 @@
-"""``Segmenter``: semantic segmentation on a timm ViT backbone (Strudel et al., ICCV 2021), for PM (SPEC §8).
+"""``Segmenter``: semantic segmentation on a ViT backbone (Strudel et al., ICCV 2021), for PM (SPEC §8).
 
 The backbone encodes the image into N tokens; its prefix tokens (CLS, distillation token, registers) are dropped
 and the patch tokens, on their h × w grid, go to a decoder:
@@ -14,14 +14,18 @@ patch size are padded (bottom / right) and the logits cropped back. ``sliding_wi
 larger than its window (overlapping windows, logits averaged), as Segmenter's inference does.
 
 A PM backbone returns all N tokens from every block (SPEC §1), so the decoder is unchanged: no unmerge step.
-``calibrate`` / ``compress`` / ``optimize`` accept a ``Segmenter`` and act on its backbone; ``optimize`` gives an
-``OptimizedSegmenter`` whose backbone returns every patch token through the folded blocks.
+The backbone is a ViT of any supported host (timm, transformers, open_clip), read through its ``Host``. A
+Segmenter is a *task model*: it names its backbone (``pm_backbone``), so ``calibrate`` / ``compress`` /
+``optimize`` / ``export`` act on the backbone; ``optimize`` gives an ``OptimizedSegmenter`` whose backbone
+returns every patch token through the folded blocks.
 """
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hosts import host_of
 
 __all__ = ["Segmenter", "OptimizedSegmenter", "LinearDecoder", "MaskTransformerDecoder", "sliding_window",
            "pixel_cross_entropy", "pixel_distillation", "IGNORE_INDEX", "DECODERS"]
@@ -87,21 +91,13 @@ class MaskTransformerDecoder(nn.Module):
         return masks.transpose(1, 2).reshape(B, self.num_classes, grid[0], grid[1])
 
 
-def _check_backbone(backbone) -> None:
-    needed = ("patch_embed", "blocks", "forward_features", "num_prefix_tokens", "embed_dim")
-    missing = [a for a in needed if not hasattr(backbone, a)]
-    if not isinstance(backbone, nn.Module) or missing:
-        raise TypeError(f"backbone: expected a timm ViT (VisionTransformer, DeiT, Eva, ...: patch_embed, blocks, "
-                        f"forward_features, num_prefix_tokens), got {type(backbone).__name__}"
-                        + (f" without {', '.join(missing)}" if missing and isinstance(backbone, nn.Module) else ""))
-
-
 class Segmenter(nn.Module):
-    """Segmenter (Strudel et al. 2021): ``backbone`` (a timm ViT: any family ``patch_timm`` supports, patched or
-    not) + a ``"mask"`` or ``"linear"`` decoder; ``forward(images)`` → logits (B, num_classes, H, W).
+    """Segmenter (Strudel et al. 2021): ``backbone`` (a ViT of any supported host: every family ``pm_kernels.patch``
+    supports, patched or not) + a ``"mask"`` or ``"linear"`` decoder; ``forward(images)`` → logits
+    (B, num_classes, H, W).
 
-    The backbone's classifier head is removed (``reset_classifier(0)``); ``.backbone`` is the timm model, which
-    ``calibrate`` / ``compress`` / ``optimize`` act on. ``ignore_index``: the label of unlabelled pixels (the
+    The backbone's classifier head is removed; ``.backbone`` is the host's model, which ``calibrate`` /
+    ``compress`` / ``optimize`` act on. ``ignore_index``: the label of unlabelled pixels (the
     default calibration loss, ``pixel_cross_entropy``, skips them). Decoder options: ``decoder_depth`` (2),
     ``dropout`` (0.1), as the paper's mask transformer.
     """
@@ -109,7 +105,10 @@ class Segmenter(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "mask", *, decoder_depth: int = 2,
                  dropout: float = 0.1, ignore_index: int = IGNORE_INDEX):
         super().__init__()
-        _check_backbone(backbone)
+        try:
+            host = host_of(backbone)
+        except TypeError as err:
+            raise TypeError(f"backbone: {str(err).replace('model: ', '', 1)}") from None
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
         if decoder not in DECODERS:
@@ -118,13 +117,13 @@ class Segmenter(nn.Module):
             raise ValueError(f"decoder_depth: expected an int >= 1, got {decoder_depth!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-        if hasattr(backbone, "reset_classifier"):
-            backbone.reset_classifier(0)
+        host.remove_head(backbone)
+        self.host = host  # the backbone's library (stateless): the decoder reads the tokens through it
         self.backbone = backbone
         self.num_classes = num_classes
         self.decoder_name = decoder
         self.ignore_index = ignore_index
-        dim = backbone.embed_dim
+        dim = host.embed_dim(backbone)
         self.decoder = (MaskTransformerDecoder(dim, num_classes, depth=decoder_depth, dropout=dropout)
                         if decoder == "mask" else LinearDecoder(dim, num_classes))
 
@@ -133,26 +132,33 @@ class Segmenter(nn.Module):
         names = getattr(self.backbone, "no_weight_decay", lambda: set())()
         return {"backbone." + n for n in names} | {"decoder.class_embed"}
 
+    # ---- a task model: calibrate / compress / optimize / export act on the backbone
+
+    @property
+    def pm_backbone(self) -> nn.Module:
+        return self.backbone
+
+    def pm_calibration_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The default calibration loss: per-pixel cross-entropy without the unlabelled pixels."""
+        return pixel_cross_entropy(logits, targets, self.ignore_index)
+
+    def pm_optimized(self, backbone: nn.Module) -> "OptimizedSegmenter":
+        """This segmenter with its backbone run as ``backbone`` (the backbone's ``optimize`` form)."""
+        return OptimizedSegmenter(self, backbone)
+
     @property
     def patch_size(self) -> Tuple[int, int]:
-        return tuple(self.backbone.patch_embed.patch_size)
+        return tuple(self.host.patch_size(self.backbone))
 
     @property
     def window_size(self) -> Tuple[int, int]:
         """The image size the backbone is built for (the sliding-window size for larger images)."""
-        return tuple(self.backbone.patch_embed.img_size)
-
-    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The decoder's input: the backbone's N final tokens less the prefix tokens (the final norm applied;
-        models whose norm sits in the head, ``fc_norm``, get it here)."""
-        bb = self.backbone
-        if isinstance(getattr(bb, "norm", None), nn.Identity) and not isinstance(getattr(bb, "fc_norm", None),
-                                                                                  (nn.Identity, type(None))):
-            tokens = bb.fc_norm(tokens)
-        return tokens[:, bb.num_prefix_tokens:]
+        (h, w), (ph, pw) = self.host.grid(self.backbone), self.host.patch_size(self.backbone)
+        return h * ph, w * pw
 
     def logits_from(self, features: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes, H, W) with ``features(images)`` → the backbone's N final tokens."""
+        """Logits (B, num_classes, H, W) with ``features(images)`` → the backbone's N final tokens (after its
+        final norm), of which the decoder reads the patch tokens."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
             raise ValueError(f"images: expected a float tensor (B, C, H, W), got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -162,22 +168,23 @@ class Segmenter(nn.Module):
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         grid = ((H + pad_h) // ph, (W + pad_w) // pw)
-        tokens = self.patch_tokens(features(images))
+        prefix = self.host.num_prefix(self.backbone)
+        tokens = features(images)[:, prefix:]
         if tokens.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"backbone: expected {grid[0] * grid[1]} patch tokens after the "
-                             f"{self.backbone.num_prefix_tokens} prefix tokens ({grid[0]}x{grid[1]} grid), got "
-                             f"{tokens.shape[1]}; a dense head needs every patch token at the exit")
+            raise ValueError(f"backbone: expected {grid[0] * grid[1]} patch tokens after the {prefix} prefix "
+                             f"tokens ({grid[0]}x{grid[1]} grid), got {tokens.shape[1]}; a dense head needs every "
+                             "patch token at the exit")
         masks = self.decoder(tokens, grid)
         logits = F.interpolate(masks, size=(H + pad_h, W + pad_w), mode="bilinear", align_corners=False)
         return logits[:, :, :H, :W]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_from(self.backbone.forward_features, images)
+        return self.logits_from(self.host.dense_features(self.backbone), images)
 
 
 class OptimizedSegmenter(nn.Module):
-    """A ``Segmenter`` whose backbone runs as ``features`` (an ``OptimizedPM``: folded boundaries, all N tokens
-    at the exit); shares every weight with the segmenter. Made by ``pm_kernels.optimize(segmenter)``."""
+    """A ``Segmenter`` whose backbone runs as ``features`` (the backbone's ``optimize`` form: folded boundaries,
+    all N tokens at the exit); shares every weight with the segmenter. Made by ``pm_kernels.optimize(segmenter)``."""
 
     def __init__(self, segmenter: Segmenter, features: nn.Module):
         super().__init__()
@@ -196,8 +203,16 @@ class OptimizedSegmenter(nn.Module):
     def window_size(self) -> Tuple[int, int]:
         return self.segmenter.window_size
 
+    @property
+    def pm_source(self) -> nn.Module:
+        return self.segmenter
+
+    @property
+    def folded_dtype(self) -> torch.dtype:
+        return self.features.folded_dtype
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.segmenter.logits_from(self.features.forward_features, images)
+        return self.segmenter.logits_from(self.segmenter.host.dense_features(self.features), images)
 
 
 def _pair(value, name: str) -> Tuple[int, int]:

@@ -74,6 +74,48 @@ def test_no_import_cycle_in_the_package():
     assert "pm_kernels.kernels.attention_triton" in graph  # the walk saw the kernel files
 
 
+# Attribute names only one host library's models have: read anywhere else, they tie that code to the library.
+# (``self.<name>`` of a class of our own is not a host's name: e.g. the Segmenter decoder's own ``blocks``.)
+HOST_NAMES = {
+    "timm": {"patch_embed", "num_prefix_tokens", "blocks", "forward_head", "forward_features", "global_pool",
+             "fc_norm", "attn_pool", "norm_pre", "patch_drop", "_pos_embed", "reset_classifier",
+             "dynamic_img_size", "grid_size", "head_dist", "no_embed_class", "attn"},
+    "transformers": {"vision_model", "vision_config", "text_model", "_attn_implementation", "hidden_size",
+                     "num_hidden_layers", "num_attention_heads", "post_layernorm", "pre_layrnorm",
+                     "patch_embeddings", "last_hidden_state", "pooler_output", "layernorm_before",
+                     "layernorm_after", "self_attn", "get_image_features"},
+    "open_clip": {"visual", "resblocks", "conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post",
+                  "in_proj_weight", "in_proj_bias", "encode_image", "trunk"},
+}
+# Every module is on the host layer (the pipeline joined with its task rewrite, issue 23); none is exempt.
+NOT_YET_ON_HOSTS = ()
+
+
+def _host_name_reads(source: str, rel: str):
+    """(line, library, name) of every host attribute name read in ``source`` (the module at ``rel``, e.g.
+    "pm_kernels/calibrate.py") outside that library's host."""
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute) or isinstance(node.value, ast.Name) and node.value.id == "self":
+            continue
+        for library, names in HOST_NAMES.items():
+            if node.attr in names and not rel.startswith(f"pm_kernels/hosts/{library}"):
+                yield node.lineno, library, node.attr
+
+
+def test_host_names_are_read_only_in_their_host():
+    modules = {p.relative_to(PACKAGE.parent).as_posix(): p for p in sorted(PACKAGE.rglob("*.py"))}
+    found = [f"{rel}:{line}: {library}'s .{name}" for rel, p in modules.items() if not rel.startswith(NOT_YET_ON_HOSTS)
+             for line, library, name in _host_name_reads(p.read_text(), rel)]
+    assert not found, "host names read outside their host module:\n" + "\n".join(found)
+
+
+def test_the_host_name_check_finds_a_planted_read():
+    planted = "def grid(model):\n    return model.patch_embed.grid_size, model.visual, self.blocks\n"
+    found = sorted((library, name) for _, library, name in _host_name_reads(planted, "pm_kernels/calibrate.py"))
+    assert found == [("open_clip", "visual"), ("timm", "grid_size"), ("timm", "patch_embed")]
+    assert [name for _, _, name in _host_name_reads(planted, "pm_kernels/hosts/timm/model.py")] == ["visual"]
+
+
 def test_backends_function_and_old_module_path():
     assert callable(pm_kernels.backends) and set(pm_kernels.backends()) == set(dispatch.BACKENDS)
     from pm_kernels.backends import select  # the pre-0.2 module path still imports

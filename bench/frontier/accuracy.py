@@ -20,9 +20,8 @@ import torch
 from bench.common import plain_vit
 from bench.peers import default_locations, dense_flops, dims_from_model, match_evit_keep_rate, match_tome_r, \
     patch_evit, patch_tome
-from pm_kernels import calibrate, optimize, patch_timm
+from pm_kernels import calibrate, install_structure, optimize, patch_timm
 from pm_kernels.measure import analytic_macs, kept_tokens, traced_macs
-from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.data import cycle_batches, load_data, make_loader
 from pm_kernels.pipeline.families import DIGITS_VIT, DIGITS_VIT_KWARGS
 from pm_kernels.pipeline.finetune import TrainConfig, train

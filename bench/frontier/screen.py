@@ -6,9 +6,8 @@ import copy
 import statistics
 from typing import Dict, Sequence
 
-from pm_kernels import patch_timm
+from pm_kernels import install_structure, patch_timm
 from pm_kernels.measure import analytic_macs
-from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.data import make_loader
 from pm_kernels.pipeline.tasks.classification import accuracy
 

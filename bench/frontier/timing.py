@@ -15,10 +15,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from bench.peers import patch_evit, patch_tome
-from pm_kernels import LayerStructure, optimize, patch_timm
+from pm_kernels import LayerStructure, install_structure, optimize, patch_timm
 from pm_kernels.measure import environment, finish_environment, forward, time_interleaved
 from pm_kernels.measure.timing import UNDER_LOAD
-from pm_kernels.patch import install_structure
 from pm_kernels.pipeline.families import DIGITS_VIT, DIGITS_VIT_KWARGS
 from pm_kernels.pipeline.model import build_model
 

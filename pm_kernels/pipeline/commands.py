@@ -174,7 +174,7 @@ def cmd_calibrate(args, device) -> None:
         with library_errors("calibrate"):
             scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))
         info = dict(task=task.name, model=meta["model"], model_kwargs=meta["model_kwargs"],
-                    depth=len(host.blocks(model)), num_patches=host.num_patches(model), iters=args.iters,
+                    depth=len(host.layers(model)), num_patches=host.num_patches(model), iters=args.iters,
                     batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
         save_scores(scores, args.out, info)
         save_json({"command": "calibrate", "task": task.name, "args": _args_dict(args), "shape": list(scores.shape),

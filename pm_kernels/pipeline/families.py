@@ -126,6 +126,11 @@ def _vit_mlp_ratio(sd: StateDict) -> float:
     return int(_tensor(sd, "blocks.0.mlp.fc1.weight", 2).shape[0]) / int(_patch_weight(sd).shape[0])
 
 
+def _model_heads(model: torch.nn.Module) -> int:
+    from .host import num_heads  # the model's host knows its heads
+    return num_heads(model)
+
+
 def _heads_divide_width(kwargs: Dict[str, Any]) -> Optional[str]:
     dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
     if dim is not None and heads is not None and dim % heads:
@@ -141,7 +146,7 @@ VIT_ARGS: Dict[str, Arg] = {
     "embed_dim": Arg(_int(1, 16384), "an int in [1, 16384]", lambda sd: int(_patch_weight(sd).shape[0])),
     "depth": Arg(_int(1, 1024), "an int in [1, 1024]", _vit_depth),
     "num_heads": Arg(_int(1, 1024), "an int in [1, 1024]",  # the weights do not tell: checked against embed_dim
-                     of_model=lambda m: int(m.blocks[0].attn.num_heads)),
+                     of_model=lambda m: _model_heads(m)),
     "mlp_ratio": Arg(_number(0, 64), "a number in (0, 64]", _vit_mlp_ratio),
     "qkv_bias": Arg(_bool, "true or false", lambda sd: "blocks.0.attn.qkv.bias" in sd),
 }
@@ -149,7 +154,7 @@ VIT_ARGS: Dict[str, Arg] = {
 
 def _build_demo_vit(defaults: Mapping[str, Any]) -> Callable[[str, Dict[str, Any]], torch.nn.Module]:
     def build(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
-        from ..models import PMVisionTransformer
+        from ..hosts.timm import PMVisionTransformer
         return PMVisionTransformer(**dict(defaults, **kwargs))
     return build
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..patch import is_patched, patch_timm
+from ..hosts import patch
+from ..pm_model import is_patched
 from .families import DIGITS_VIT, DIGITS_VIT_KWARGS, find_family, recorded_kwargs, resolve_kwargs
 from .io import PipelineError, load_checkpoint
 
@@ -27,7 +28,7 @@ def build_model(name: str, model_kwargs: Optional[Dict[str, Any]] = None) -> tor
     try:
         model = family.build(name, kwargs)
         if not is_patched(model):
-            model = patch_timm(model)
+            model = patch(model)
     except PipelineError:
         raise
     except (TypeError, ValueError, RuntimeError, AssertionError) as err:

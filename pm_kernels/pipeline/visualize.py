@@ -53,7 +53,7 @@ def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h, w = host.grid_size(model)
+    h, w = host.grid(model)
     prefix = host.num_prefix(model)
     img = image.detach().cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     img = img.clamp(0, 1).permute(1, 2, 0)

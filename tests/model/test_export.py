@@ -151,7 +151,7 @@ def test_batch_one_example_stays_dynamic_and_static_batch(tmp_path):
 
 def test_bad_input(tmp_path, monkeypatch):
     model = _like_trained(_small())
-    with pytest.raises(TypeError, match="patch_timm"):
+    with pytest.raises(TypeError, match=r"call pm_kernels.patch on a dense model first"):
         pm_kernels.export(_small(), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="format"):
         pm_kernels.export(model, tmp_path / "x.tflite", format="tflite")

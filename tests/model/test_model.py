@@ -285,8 +285,12 @@ def test_fused_block_rejects_bad_shapes():
 
 
 def test_calibrate_rejects_wrong_models_and_batches():
-    with pytest.raises(TypeError, match="model"):
-        pm_kernels.calibrate(tiny_vit(), [])
+    with pytest.raises(TypeError, match=r"model: Linear is not a model of a library pm_kernels supports"):
+        pm_kernels.calibrate(torch.nn.Linear(3, 3), [])
+    unpatched = tiny_vit()
+    with pytest.raises(ValueError, match="batches"):  # patched on the way (the identity: nothing it computes changes)
+        pm_kernels.calibrate(unpatched, [])
+    assert pm_kernels.is_patched(unpatched)
     compressed, _ = random_structure_model()
     with pytest.raises(ValueError, match="dense"):
         pm_kernels.calibrate(compressed, [])

@@ -27,10 +27,10 @@ def test_optimized_equals_model(global_pool):
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
     # The folded state carries K_l + p_l tokens, never all N (except at the exit of an avg-pool head).
     n = model.blocks[0].keep_mask.numel()
-    widths = [fast.get_buffer(f"W{i}").shape[1] for i in range(1, len(model.blocks) + 1)]
+    widths = [fast.chain.get_buffer(f"W{i}").shape[1] for i in range(1, len(model.blocks) + 1)]
     assert all(w < n for w in widths)
-    assert fast.get_buffer(f"W{len(model.blocks)}").shape[0] == n and fast.W_exit_prefix.shape[0] == 1
-    assert fast._head_reads_prefix_only() == (global_pool == "token")
+    assert fast.chain.get_buffer(f"W{len(model.blocks)}").shape[0] == n and fast.chain.W_exit_prefix.shape[0] == 1
+    assert pm_kernels.host_of(model).head_reads_prefix_only(model) == (global_pool == "token")
 
 
 def test_optimized_identity_model_equals_dense():
@@ -80,7 +80,7 @@ def test_optimized_half_precision_dtype():
     with torch.no_grad():
         ref = model(x)
     fast = pm_kernels.optimize(model.to(torch.bfloat16))
-    assert fast.W0.dtype == torch.bfloat16
+    assert fast.chain.W0.dtype == torch.bfloat16
     with torch.no_grad():
         got = fast(x.bfloat16())
         unfolded = model(x.bfloat16())

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..data import DIGITS, DataBundle, load_data
+from ..data import DataBundle, load_data
 from ..families import DIGITS_VIT
 from ..model import load_model
 from .base import Task

@@ -1,11 +1,10 @@
-"""``patch_timm``: turn a timm ViT into a Prune-and-Merge model, in place (ToMe-style class swap).
+"""timm's Prune-and-Merge classes and ``patch_timm`` (ToMe-style class swap, in place).
 
 The model's class becomes its PM class (``forward_features`` runs the blocks as one fused chain, gradient
 checkpointing included, and checks the image size against the structure), ``model.blocks`` a ``PMBlocks``, each
 block its family's PM block and each attention its PM attention. The identity structure is installed (the dense
-model: outputs equal the model's). ``compress`` installs a searched structure through ``install_structure``.
-State-dict keys stay timm's, plus ``blocks.i.M / .R / .keep_mask`` (and ``.centre_index`` for EVA) where a block
-has a structure.
+model: outputs equal the model's). State-dict keys stay timm's, plus ``blocks.i.M / .R / .keep_mask`` (and
+``.centre_index`` for EVA) where a block has a structure.
 
 Families (``FAMILIES``): timm ``VisionTransformer`` and its subclasses (DeiT, distilled DeiT, ViT with
 registers, DINOv2, CLIP, global-average-pool ViTs: any number of prefix tokens) and ``Eva`` (EVA, EVA-02).
@@ -14,26 +13,67 @@ import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .dispatch import model_backend
+from ...layers import PMAttentionMixin, PMBlockMixin, PMBlocks, _fx_symbolic_tracing, _no_mask
+from ...structure import LayerStructure
+from ..base import check_grid_matches, structure_grid
 from .eva import PMEvaAttention, PMEvaBlock
-from .layers import PMAttention, PMBlock, PMBlockMixin, PMBlocks, _fx_symbolic_tracing, _no_mask
-from .structure import LayerStructure, search_structure, structure_matrices
 
 torch.fx.wrap("_no_mask")  # FX records the mask check as a call (see pm_kernels.layers)
 
-__all__ = ["PMVisionTransformer", "PMVisionTransformerDistilled", "PMEva", "patch_timm", "install_structure", "is_patched", "num_tokens",
-           "set_backend", "FAMILIES"]
+__all__ = ["ViTBody", "PMAttention", "PMBlock", "PMModelMixin", "PMVisionTransformer",
+           "PMVisionTransformerDistilled", "PMEva", "OptimizedPM", "patch_timm", "is_patched", "family_of",
+           "head_reads_prefix_only", "FAMILIES"]
 
+
+# ------------------------------------------------------------------------------------------ blocks
+
+class ViTBody:
+    """The ordinary pre-norm ViT block (timm ``Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2)
+    on the K merged tokens; a method, so TorchScript compiles it with the block."""
+
+    def body(self, z: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = z + self.drop_path1(self.ls1(self.attn(self.norm1(z))))
+        return z + self.drop_path2(self.ls2(self.mlp(self.norm2(z))))
+
+
+class PMAttention(PMAttentionMixin, Attention):
+    """timm ``Attention`` whose core is ``pm_kernels.attention``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class PMBlock(PMBlockMixin, ViTBody, Block):
+    """timm pre-norm ``Block`` computing the PM block of SPEC §1 with its own ``M``, ``R`` and ``keep_mask``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        return self.pm_forward(x)
+
+
+# ------------------------------------------------------------------------------------------ models
 
 class PMModelMixin:
     """What a PM model adds to its timm class: the fused block chain, the structure's patch grid."""
-
-    pm_grid_size: Optional[Tuple[int, int]] = None  # the patch grid the structure is built for; None: identity
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
@@ -48,40 +88,12 @@ class PMModelMixin:
         """x: patch embeddings. A compressed structure runs only on the grid it was built for."""
         if _fx_symbolic_tracing():
             return
-        want = self.structure_grid()
-        if want is None:
-            return
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
-        if grid != want:
-            p = self.patch_embed.patch_size
-            raise ValueError(f"x: this compressed model is built for {want[0] * p[0]}x{want[1] * p[1]} images (a "
-                             f"{want[0]}x{want[1]} patch grid), got {grid[0] * p[0]}x{grid[1] * p[1]} ({grid[0]}x"
-                             f"{grid[1]} patches); compress it for that size (img_size=...) or use the identity "
-                             "structure")
+        check_grid_matches(self.structure_grid(), grid, tuple(self.patch_embed.patch_size))
 
     def structure_grid(self) -> Optional[Tuple[int, int]]:
-        """The patch grid the installed structure is for (None: the identity runs any grid).
-
-        Set by ``compress``; for a structure loaded from a checkpoint, the model's grid if its token count
-        matches, else the square grid of that count.
-        """
-        n = next((b.num_tokens for b in self.blocks if b.num_tokens is not None), None)
-        if n is None:
-            return None
-        patches = n - self.num_prefix_tokens
-        grid = self.pm_grid_size
-        if grid is None or grid[0] * grid[1] != patches:
-            h, w = self.patch_embed.grid_size
-            side = int(round(patches ** 0.5))
-            if h * w == patches:
-                grid = (h, w)
-            elif side * side == patches:
-                grid = (side, side)
-            else:
-                raise ValueError(f"model: the structure is for {patches} patches, which is not this model's "
-                                 f"{h}x{w} grid nor a square one; compress with img_size=(H, W)")
-            self.pm_grid_size = grid
-        return grid
+        """The patch grid the installed structure is for (None: the identity runs any grid)."""
+        return structure_grid(list(self.blocks), self.num_prefix_tokens, tuple(self.patch_embed.grid_size))
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
@@ -142,12 +154,11 @@ _PM_CLASSES: Dict[type, type] = {VisionTransformer: PMVisionTransformer, VisionT
                                   PMVisionTransformerDistilled, Eva: PMEva}
 
 
-def _family(model) -> Tuple[type, Dict[type, Tuple[type, type, type]]]:
+def family_of(model) -> Optional[Tuple[type, Dict[type, Tuple[type, type, type]]]]:
     for base, family in FAMILIES.items():
         if isinstance(model, base):
             return family
-    names = ", ".join(base.__name__ for base in FAMILIES)
-    raise TypeError(f"model: expected a timm {names} (DeiT, ViT, DINOv2, CLIP, EVA, ...), got {type(model).__name__}")
+    return None
 
 
 def _pm_class(cls: type, mixin: type) -> type:
@@ -162,26 +173,6 @@ def _pm_class(cls: type, mixin: type) -> type:
 def is_patched(model) -> bool:
     return (isinstance(model, PMModelMixin) and len(model.blocks) > 0
             and all(isinstance(b, PMBlockMixin) for b in model.blocks))
-
-
-def num_tokens(model, grid_size: Optional[Sequence[int]] = None) -> int:
-    """N: prefix tokens + patches (of ``grid_size``, default the model's patch grid)."""
-    h, w = model.patch_embed.grid_size if grid_size is None else grid_size
-    return model.num_prefix_tokens + h * w
-
-
-def set_backend(model, backend: str) -> None:
-    """Route every patched block's token ops and attention to ``backend`` (auto | cuda | triton | torch).
-
-    An op without that backend stays on "auto" (the extension, "cuda", has no attention kernel).
-    """
-    if backend not in ("auto", "cuda", "triton", "torch"):
-        raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}")
-    if not is_patched(model):
-        raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm), got {type(model).__name__}")
-    for blk in model.blocks:
-        blk.backend = model_backend("merge", backend)
-        blk.attn.backend = model_backend("attention", backend)
 
 
 def _check_supported(model, blocks_table) -> None:
@@ -202,8 +193,9 @@ def _check_supported(model, blocks_table) -> None:
 
 def patch_timm(model, structure: Optional[Sequence[LayerStructure]] = None,
                scores: Optional[torch.Tensor] = None, grid_size: Optional[Sequence[int]] = None):
-    """Make ``model`` a Prune-and-Merge model in place with the identity structure (the dense model: outputs
-    equal the model's) and return it. A model already patched keeps its structure.
+    """Make the timm ViT ``model`` a Prune-and-Merge model in place with the identity structure (the dense model:
+    outputs equal the model's) and return it. A model already patched keeps its structure.
+    (``pm_kernels.patch`` does the same for a model of any supported library.)
 
     ``structure`` / ``scores`` / ``grid_size`` are deprecated (use ``pm_kernels.compress``): they install a
     searched structure as before.
@@ -214,7 +206,12 @@ def patch_timm(model, structure: Optional[Sequence[LayerStructure]] = None,
                       "in 0.3: call pm_kernels.patch_timm(model), then pm_kernels.compress(model, scores, ...)",
                       DeprecationWarning, stacklevel=2)
     if not is_patched(model):
-        mixin, blocks_table = _family(model)
+        family = family_of(model)
+        if family is None:
+            names = ", ".join(base.__name__ for base in FAMILIES)
+            raise TypeError(f"model: expected a timm {names} (DeiT, ViT, DINOv2, CLIP, EVA, ...), "
+                            f"got {type(model).__name__}")
+        mixin, blocks_table = family
         _check_supported(model, blocks_table)
         for blk in model.blocks:
             pm_block, _, pm_attn = blocks_table[type(blk)]
@@ -226,6 +223,8 @@ def patch_timm(model, structure: Optional[Sequence[LayerStructure]] = None,
         model.blocks.grad_checkpointing = bool(getattr(model, "grad_checkpointing", False))
         model.__class__ = _pm_class(type(model), mixin)
     if deprecated:
+        from ...pm_model import check_scores, install_structure  # the deprecated path only (removed in 0.3)
+        from ...structure import search_structure
         if scores is None:
             raise ValueError("scores: needed with a structure, to weight the merge matrices (SPEC §2)")
         if structure is None:
@@ -234,56 +233,43 @@ def patch_timm(model, structure: Optional[Sequence[LayerStructure]] = None,
     return model
 
 
-def check_scores(model, scores, grid_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    h, w = model.patch_embed.grid_size if grid_size is None else grid_size
-    expected = (len(model.blocks), h * w)
-    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
-        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"scores: expected a tensor of shape (L, num_patches) = {expected} for this model "
-                         f"({h}x{w} patches), got {got}")
-    return scores
+# ------------------------------------------------------------------------------------------ inference
+
+class OptimizedPM(nn.Module):
+    """Inference-only timm PM model with folded boundaries (``pm_kernels.optimize``); shares the weights of the
+    model it was made from: ``forward`` (the model's logits) and ``forward_features`` (all N tokens after the
+    final norm, for dense heads)."""
+
+    def __init__(self, model: nn.Module, folded: nn.Module):
+        super().__init__()
+        self.model = model
+        self.chain = folded
+
+    @property
+    def pm_source(self) -> nn.Module:
+        return self.model
+
+    @property
+    def folded_dtype(self) -> torch.dtype:
+        return self.chain.folded_dtype
+
+    @property
+    def kept(self):
+        return self.chain.kept
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, rope = m.embed(images)
+        return m.norm(self.chain(x, m.blocks, rope))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, rope = m.embed(images)
+        # the head reading only the prefix is decided per call: reset_classifier(global_pool=...) is followed
+        tokens = self.chain(x, m.blocks, rope, prefix_only=head_reads_prefix_only(m))
+        return m.forward_head(m.norm(tokens))
 
 
-def _grid(model, grid_size) -> Tuple[int, int]:
-    if grid_size is None:
-        return tuple(model.patch_embed.grid_size)
-    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_size)):
-        raise ValueError(f"grid_size: expected (h, w), two positive ints, got {grid_size!r}")
-    if tuple(grid_size) != tuple(model.patch_embed.grid_size) and not getattr(model, "dynamic_img_size", False):
-        raise ValueError(f"grid_size: this model takes {tuple(model.patch_embed.img_size)} images only "
-                         f"(a {tuple(model.patch_embed.grid_size)} patch grid), got {tuple(grid_size)}; build it "
-                         "with dynamic_img_size=True for other sizes")
-    return tuple(grid_size)
-
-
-def install_structure(model, structure: Sequence[LayerStructure], scores: torch.Tensor,
-                      grid_size: Optional[Sequence[int]] = None) -> None:
-    """Install per-layer ``structure`` into a PM model: M from ``scores`` (SPEC §2), R = pinv(M), keep masks.
-
-    ``grid_size`` (h, w): the patch grid the structure is for (default the model's); another than the model's
-    needs ``dynamic_img_size=True``. A layer whose structure is the identity gets none (the dense block).
-    """
-    if not is_patched(model):
-        raise TypeError(f"model: expected a PM model (pm_kernels.patch_timm), got {type(model).__name__}")
-    grid = _grid(model, grid_size)
-    check_scores(model, scores, grid)
-    if len(structure) != len(model.blocks):
-        raise ValueError(f"structure: expected {len(model.blocks)} per-layer structures (one per block), "
-                         f"got {len(structure)}")
-    P = model.num_prefix_tokens
-    for layer, st in enumerate(structure):
-        if not isinstance(st, LayerStructure) or st.num_prefix != P:
-            raise ValueError(f"structure[{layer}]: expected a LayerStructure with num_prefix={P} "
-                             f"(this model's prefix tokens), got {st!r:.80}")
-    patch_drop = getattr(getattr(model, "patch_drop", None), "prob", 0.0) or 0.0
-    if patch_drop > 0 and any(bool(st.pruned.any() or not st.centres.all()) for st in structure):
-        raise ValueError(f"model: patch dropout (patch_drop_rate={patch_drop}) changes the token count; a "
-                         "compressed structure needs a fixed one (build the model with patch_drop_rate=0)")
-    n = num_tokens(model, grid)
-    for blk, matrices in zip(model.blocks, structure_matrices(structure, scores, grid)):
-        if matrices is None:  # every patch its own centre: the identity, run as the dense block
-            blk.set_identity()
-        else:
-            blk.set_structure(*matrices, n_tokens=n)
-    model.pm_grid_size = grid
+def head_reads_prefix_only(model) -> bool:
+    """The head reads the prefix tokens only (CLS pooling, no attention pool): the exit may reconstruct just them."""
+    return model.num_prefix_tokens > 0 and model.global_pool == "token" and getattr(model, "attn_pool", None) is None

@@ -11,7 +11,7 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import EvaAttention, EvaBlock
 
-from .layers import PMAttentionMixin, PMBlockMixin, _no_mask
+from ...layers import PMAttentionMixin, PMBlockMixin, _no_mask
 
 torch.fx.wrap("_no_mask")  # FX records the mask check as a call (see pm_kernels.layers)
 
@@ -44,7 +44,7 @@ class PMEvaAttention(PMAttentionMixin, EvaAttention):
             half = self.rotate_half
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-        x = self._attend(q, k, v)
+        x = self._attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0)
         x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             x = x * gate

@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
-from .patch import PMEva, PMVisionTransformer, PMVisionTransformerDistilled
+from .model import PMEva, PMVisionTransformer, PMVisionTransformerDistilled
 
 __all__ = ["PM_MODELS", "PMVisionTransformer", "PMVisionTransformerDistilled", "PMEva"]
 
