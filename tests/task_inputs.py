@@ -6,11 +6,13 @@ The command-line tests run over ``TASK_NAMES`` (every registered task); a task w
 """
 import os
 
+import pytest
 import torch
 
 from pm_kernels.pipeline.tasks import TASKS
 
 TASK_NAMES = tuple(TASKS)
+every_task = pytest.mark.parametrize("task", TASK_NAMES)  # a test run once per registered task
 
 # what starts a fresh model of each task on the embedded digits data
 FRESH = {"classification": ["--model", "digits_vit"], "segmentation": []}

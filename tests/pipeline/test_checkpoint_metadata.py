@@ -13,9 +13,8 @@ from pm_kernels.pipeline.families import FAMILIES, VIT_ARGS, find_family
 from pm_kernels.pipeline.io import PipelineError, save_checkpoint
 from pm_kernels.pipeline.model import build_model, load_model
 from pm_kernels.pipeline.tasks import TASKS
-from task_inputs import TASK_NAMES, task_args
+from task_inputs import every_task, task_args
 
-every_task = pytest.mark.parametrize("task", TASK_NAMES)
 DEMO_MODEL = {"classification": "digits_vit", "segmentation": "digits_seg_vit"}
 CLASSES = {"classification": 10, "segmentation": 11}
 

@@ -18,21 +18,8 @@ import torch
 from cli_subprocess import Streamed, cli_command, error_lines, run_cli
 from pm_kernels.cli import main
 from pm_kernels.pipeline.io import PipelineError, atomic_write, save_json
-from task_inputs import FRESH, TASK_NAMES, dense_checkpoint, task_args
+from task_inputs import FRESH, TASK_NAMES, every_task, task_args
 
-every_task = pytest.mark.parametrize("task", TASK_NAMES)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """Per task, a 2-block dense checkpoint (untrained: these tests exercise the CLI, not accuracy) and scores."""
-    made = {}
-
-    def get(task):
-        if task not in made:
-            made[task] = dense_checkpoint(task, tmp_path_factory.mktemp(task))
-        return made[task]
-    return get
 
 
 def _listing(folder):

@@ -12,21 +12,9 @@ import torch
 from pm_kernels.cli import build_parser, main
 from pm_kernels.pipeline.outputs import claim_output
 from pm_kernels.pipeline.tasks import TASKS
-from task_inputs import FRESH, TASK_NAMES, dense_checkpoint, folder_data, task_args
+from task_inputs import FRESH, dense_checkpoint, every_task, folder_data, task_args
 
-every_task = pytest.mark.parametrize("task", TASK_NAMES)
 COMMANDS = ("train", "calibrate", "compress", "finetune", "evaluate", "visualize", "demo", "export")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    made = {}
-
-    def get(task):
-        if task not in made:
-            made[task] = dense_checkpoint(task, tmp_path_factory.mktemp(task))
-        return made[task]
-    return get
 
 
 @every_task
