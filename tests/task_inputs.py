@@ -73,3 +73,17 @@ def folder_data(task: str, root, splits=None, images_per_class: int = 2, corrupt
                 Image.fromarray(torch.randint(0, 151, (40, 60), generator=g).to(torch.uint8).numpy()).save(ann)
         return root
     raise KeyError(f"no test inputs for task {task!r}: add them to tests/task_inputs.py")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """``inputs(task)``: a 2-block dense checkpoint of ``task`` and its scores (``dense_checkpoint``), made once per
+    test module and task. (A fixture here, imported by the modules that use it: a second conftest.py would shadow
+    tests/conftest.py's module name.)"""
+    made = {}
+
+    def get(task):
+        if task not in made:
+            made[task] = dense_checkpoint(task, tmp_path_factory.mktemp(task))
+        return made[task]
+    return get

@@ -18,7 +18,7 @@ import torch
 from cli_subprocess import Streamed, cli_command, error_lines, run_cli
 from pm_kernels.cli import main
 from pm_kernels.pipeline.io import PipelineError, atomic_write, save_json
-from task_inputs import FRESH, every_task, task_args
+from task_inputs import FRESH, every_task, inputs, task_args  # noqa: F401  (inputs: a fixture)
 
 
 

@@ -12,7 +12,7 @@ import torch
 from pm_kernels.cli import build_parser, main
 from pm_kernels.pipeline.outputs import claim_output
 from pm_kernels.pipeline.tasks import TASKS
-from task_inputs import FRESH, dense_checkpoint, every_task, folder_data, task_args
+from task_inputs import FRESH, dense_checkpoint, every_task, folder_data, inputs, task_args  # noqa: F401
 
 COMMANDS = ("train", "calibrate", "compress", "finetune", "evaluate", "visualize", "demo", "export")
 
