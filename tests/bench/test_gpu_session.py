@@ -54,7 +54,7 @@ def test_test(tmp_path):
 
 @slow
 def test_kernels(tmp_path):
-    # pytest-benchmark with the script's flags: the GPU benchmarks are skipped here, the CPU ones run once each.
+    # pytest-benchmark with the script's flags: the GPU benchmarks are skipped here, a CPU pair runs once.
     proc, text = _run(tmp_path, "kernels")
     assert proc.returncode == 0, text
     log = (tmp_path / "kernels.log").read_text()

@@ -50,6 +50,22 @@ class DigitsSegmentation(Dataset):
         return self.images[i], self.labels[i]
 
 
+def _first_fit(gen: torch.Generator, high: int, tries: int, fits) -> Optional[Tuple[int, int]]:
+    """The first of ``tries`` positions (y, x), each drawn uniformly in [0, high)², for which ``fits(y, x)``, or
+    None. The generator ends where ``tries`` one-pair draws stopping at the first fit would leave it (the canvases
+    of a seed do not change): the pairs are drawn in one call, then the state is rewound to just past the pair
+    used. One call instead of one per try: a crowded canvas tries dozens of places per digit."""
+    state = gen.get_state()
+    pairs = torch.randint(0, high, (tries, 2), generator=gen).tolist()
+    for t, (y, x) in enumerate(pairs):
+        if fits(y, x):
+            if t + 1 < tries:
+                gen.set_state(state)
+                torch.randint(0, high, (t + 1, 2), generator=gen)
+            return y, x
+    return None
+
+
 def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen: torch.Generator,
               min_digits: int = 2, max_digits: int = 4, sides: Tuple[int, ...] = (16,), step: int = 4,
               overlap: bool = False, tries: int = 50, background_noise: float = 0.0):
@@ -71,14 +87,12 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
         for _ in range(count):
             j = int(torch.randint(0, scans.shape[0], (1,), generator=gen))
             side = sides[int(torch.randint(0, len(sides), (1,), generator=gen))]
-            for _ in range(tries):
-                y, x = torch.randint(0, (size - side) // step + 1, (2,), generator=gen).tolist()
-                y, x = step * y, step * x
-                if overlap or not any(y < by + bs and by < y + side and x < bx + bs and bx < x + side
-                                      for by, bx, bs in boxes):
-                    break
-            else:
+            place = _first_fit(gen, (size - side) // step + 1, tries, lambda y, x: overlap or not any(
+                step * y < by + bs and by < step * y + side and step * x < bx + bs and bx < step * x + side
+                for by, bx, bs in boxes))
+            if place is None:
                 continue
+            y, x = step * place[0], step * place[1]
             boxes.append((y, x, side))
             ink = resized[side][j]
             patch = images[i, 0, y:y + side, x:x + side]
