@@ -41,7 +41,7 @@ class Classification(Task):
     demo_defaults = dict(model=DIGITS_VIT, batch_size=32, dense_epochs=16.0, dense_lr=2e-3, dense_weight_decay=0.05,
                          warmup_iters=40, calib_iters=20, keep_rates=(0.6, 0.4), prune_rate=0.1, ft_epochs=4.0,
                          ft_lr=5e-4, alpha=0.8, tau=20.0, speed_repeats=5, n_pictures=1)
-    demo_quick = dict(dense_epochs=8.0, ft_epochs=2.0, calib_iters=8, keep_rates=(0.6,), speed_repeats=2,
+    demo_quick = dict(dense_epochs=8.0, ft_epochs=1.0, calib_iters=8, keep_rates=(0.6,), speed_repeats=2,
                       speed_min_time=0.05)
     demo_folder = "runs/demo"
 
