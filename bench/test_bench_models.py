@@ -6,7 +6,9 @@ of the compressed model), same inputs, threads and mode (eager, fp32, no-grad), 
   the structure, not on the weights).
 
 One group per model, so that ``--benchmark-compare`` puts dense and PM side by side (and against earlier runs);
-each case's ``extra_info`` has its traced MACs and the MAC ratio, the ceiling of the speed-up.
+each case's ``extra_info`` has its traced MACs and the MAC ratio, the ceiling of the speed-up. One torch thread:
+runs compare across machines and loads (more threads on a shared, busy CPU spin against the other processes and
+turn a tiny model's figures into noise).
 """
 import copy
 
@@ -15,6 +17,14 @@ import torch
 
 ROUNDS = 10
 CASES = {"digits_vit": (32, 0.6), "deit_tiny_patch16_224": (8, 0.6)}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _models(name: str, keep: float):
@@ -32,7 +42,7 @@ def _models(name: str, keep: float):
 
 @pytest.mark.parametrize("form", ["dense", "pm_optimized"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_bench_model_forward_cpu(benchmark, name, form):
+def test_bench_model_forward_cpu(benchmark, one_thread, name, form):
     from pm_kernels.measure import traced_macs
     batch, keep = CASES[name]
     models = _models(name, keep)

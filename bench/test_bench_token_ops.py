@@ -12,8 +12,8 @@ the bytes the unfused torch path moves (its temporaries included), and the achie
 
 CPU (``make bench``): merge, reconstruct and the fused reconstruct_merge, forward, fp32, DeiT-S widths at batch 8
 (B = 8, N = 197, C = 384, K = 118): the compiled extension's C++ kernels (``backend="cuda"`` on CPU tensors)
-against the torch reference (``backend="torch"``: BLAS matmuls), same inputs, one group per op, so that
-``--benchmark-compare`` shows the two side by side and against earlier runs.
+against the torch reference (``backend="torch"``: BLAS matmuls), same inputs, one torch thread, one group per op,
+so that ``--benchmark-compare`` shows the two side by side and against earlier runs.
 """
 import pytest
 import torch
@@ -115,6 +115,14 @@ def test_bench_block_boundary_bf16(benchmark, impl):
 CPU_B, CPU_ROUNDS = 8, 20
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # comparable across runs and machine loads (see test_bench_models.py)
+    yield
+    torch.set_num_threads(before)
+
+
 def _extension_status():
     import pm_kernels
     status = pm_kernels.backends()["cuda"]
@@ -123,7 +131,7 @@ def _extension_status():
 
 @pytest.mark.parametrize("impl", ["extension_cpp", "torch_reference"])
 @pytest.mark.parametrize("op", ["merge", "reconstruct", "reconstruct_merge"])
-def test_bench_token_ops_cpu(benchmark, op, impl):
+def test_bench_token_ops_cpu(benchmark, one_thread, op, impl):
     import pm_kernels
     if impl == "extension_cpp":
         ok, status = _extension_status()
