@@ -62,7 +62,8 @@ def main(argv=None):
     finish_environment(env)
     dense_name = next(iter(models))
     print(f"\nfp32 inference, batch {args.batch}, {env['device_name']} (torch {torch.__version__}, "
-          f"{env['threads']} threads), {args.rounds} interleaved rounds, images/s median (min-max):")
+          f"{env['threads']} thread{'s' if env['threads'] > 1 else ''}), {args.rounds} interleaved rounds, images/s "
+          "median (min-max):")
     rows = []
     for name in models:
         speedup = rates[name].median / rates[dense_name].median
