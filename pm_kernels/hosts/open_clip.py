@@ -171,6 +171,12 @@ class OpenClipHost(Host):
         return layer.attn.embed_dim if isinstance(layer, ResidualAttentionBlock) else \
             TIMM_HOST.attention_width(layer)
 
+    def layer_macs_per_token(self, layer: nn.Module) -> int:
+        macs = super().layer_macs_per_token(layer)  # the nn.Linear maps: output projection, MLP
+        if isinstance(layer, ResidualAttentionBlock):  # q, k, v: the packed in_proj, a parameter, not a Linear
+            macs += layer.attn.in_proj_weight.numel()
+        return macs
+
     def layer_body(self, layer: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         if type(layer) is ResidualAttentionBlock and layer.attn.batch_first:
             return lambda z: layer(z)
