@@ -26,12 +26,7 @@ TEXT = CLIPTextCfg(context_length=8, vocab_size=40, width=32, heads=2, layers=1)
 N_PATCHES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the CPU is shared
 
 
 def _timm_clip():

@@ -30,12 +30,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_s
 N_PATCHES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the CPU is shared
 
 
 class Family(NamedTuple):

@@ -134,10 +134,12 @@ class TransformersHost(Host):
         return lambda images: tower(pixel_values=images).last_hidden_state
 
     def remove_head(self, model: nn.Module) -> None:
-        spec = model_spec(model)
-        for path in spec.prefix_heads:  # a classifier on the prefix tokens: its features are unused by a task head
+        # every module after the tower's last norm (classifiers, pooler, projection, attention pool) becomes an
+        # identity: a task head reads the tokens, and the MAC count and the optimize exit follow
+        for path in model_spec(model).heads:
             owner, _, name = path.rpartition(".")
-            setattr(module_at(model, owner), name, nn.Identity())
+            if isinstance(module_at(model, path), nn.Module):
+                setattr(module_at(model, owner), name, nn.Identity())
 
     # ---- compressing, deploying, counting
 
