@@ -192,13 +192,25 @@ def test_gradient_checkpointing_keeps_the_gradients():
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or (p.grad - q.grad).abs().max() <= 1e-9)
 
 
-def test_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("name, fmt", [("clip", "onnx"), ("visual", "pt2")])
+def test_export_matches_pytorch(name, fmt, tmp_path):
     pytest.importorskip("onnxruntime")
-    pm, _ = compressed("clip", dtype=torch.float32)
-    run = load_exported(pm_kernels.export(pm, tmp_path / "clip.onnx"))
+    pm, _ = compressed(name, dtype=torch.float32)
+    run = load_exported(pm_kernels.export(pm, tmp_path / f"tower.{fmt}", format=fmt))
     images = data(torch.float32, batch=3)
     with torch.no_grad():
-        assert (run(images) - pm.encode_image(images)).abs().max() <= 1e-4
+        assert (run(images) - encode(pm, images)).abs().max() <= 1e-4
+
+
+def test_fused_block_runs_an_unpatched_block():
+    pm, dense = compressed("visual")
+    index = next(i for i, blk in enumerate(blocks(pm)) if blk.M is not None)
+    blk = blocks(pm)[index]
+    x = torch.randn(2, 1 + N_PATCHES, 64, dtype=torch.float64)
+    want = SpecBlock(blocks(dense)[index], blk)(x)
+    for block in (blocks(dense)[index], blk):
+        got = pm_kernels.fused_block(x, block, blk.M.detach(), blk.R.detach(), blk.keep_mask)
+        assert (got - want).abs().max() <= 1e-9
 
 
 def test_segmenter_on_an_open_clip_tower():

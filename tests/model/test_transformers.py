@@ -14,12 +14,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 transformers = pytest.importorskip("transformers")
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModelWithProjection, DeiTConfig, DeiTForImageClassificationWithTeacher,
-                          Dinov2Backbone, Dinov2Config, Dinov2ForImageClassification, Dinov2WithRegistersConfig,
-                          Dinov2WithRegistersModel, SamVisionConfig, SamVisionModel, Siglip2VisionConfig,
-                          Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig,
-                          ViTForImageClassification, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEModel, ViTModel)
+from transformers import (CLIPConfig, CLIPForImageClassification, CLIPModel, CLIPVisionConfig,  # noqa: E402
+                          CLIPVisionModel, CLIPVisionModelWithProjection, DeiTConfig, DeiTForImageClassification,
+                          DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Backbone, Dinov2Config,
+                          Dinov2ForImageClassification, Dinov2Model, Dinov2WithRegistersBackbone,
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification,
+                          Dinov2WithRegistersModel, SamConfig, SamModel, SamVisionConfig, SamVisionModel,
+                          Siglip2VisionConfig, Siglip2VisionModel, SiglipConfig, SiglipForImageClassification,
+                          SiglipModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTForImageClassification,
+                          ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEModel, ViTModel)
 
 import pm_kernels  # noqa: E402
 from pm_kernels.budget import pm_macs  # noqa: E402
@@ -84,7 +87,8 @@ def run(name, model, images, **kwargs):
 
 
 def tensors(out):
-    return [v for v in out.to_tuple() if isinstance(v, torch.Tensor)]
+    """A ModelOutput's tensors, nested ones (feature maps, hidden states) included."""
+    return [t for v in out.to_tuple() for t in ([v] if isinstance(v, torch.Tensor) else v)]
 
 
 def assert_same(a, b, tol):
@@ -185,12 +189,12 @@ def test_compressed_is_the_spec_chain_and_optimize_is_the_pm_model(name):
     reference, seen = spec_reference(name, dense, pm)
     images, _ = data()
     with torch.no_grad():
-        out = run(name, pm, images, output_hidden_states=True)
-        want = run(name, reference, images)
-        assert_same(out, want, 1e-9)
-        # the library's loop captured every layer's output: N tokens each, the SPEC chain's
-        assert len(out.hidden_states) == len(layers) + 1
-        for got, expected in zip(out.hidden_states[1:], seen):
+        out = run(name, pm, images)
+        assert_same(out, run(name, reference, images), 1e-9)
+        # the library's loop captures every layer's output: N tokens each, the SPEC chain's
+        hidden = run(name, pm, images, output_hidden_states=True).hidden_states
+        assert len(hidden) == len(layers) + 1
+        for got, expected in zip(hidden[1:], seen):
             assert got.shape == (2, P + N_PATCHES, 64) and (got - expected).abs().max() <= 1e-9
         fast = pm_kernels.optimize(pm)
         assert type(fast) is type(pm) and fast.pm_source is pm
@@ -250,6 +254,57 @@ def test_identity_returns_the_eager_attentions():
         got = pm(pixel_values=images, output_attentions=True).attentions
         want = dense(pixel_values=images, output_attentions=True).attentions
     assert len(got) == 3 and all((a - b).abs().max() <= 1e-7 for a, b in zip(got, want))
+
+
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=40,
+            max_position_embeddings=8)
+VISION = dict(SMALL, intermediate_size=128)
+OTHER_CLASSES = {  # the rest of the table: identity = dense, optimize = the compressed model
+    "ViTModel": lambda: ViTModel(ViTConfig(**VISION)),
+    "DeiTModel": lambda: DeiTModel(DeiTConfig(**VISION)),
+    "DeiTForImageClassification": lambda: DeiTForImageClassification(DeiTConfig(**VISION, num_labels=5)),
+    "CLIPVisionModel": lambda: CLIPVisionModel(CLIPVisionConfig(**VISION)),
+    "CLIPForImageClassification": lambda: CLIPForImageClassification(CLIPConfig(vision_config=VISION,
+                                                                                text_config=TEXT, num_labels=5)),
+    "SiglipModel": lambda: SiglipModel(SiglipConfig(vision_config=VISION, text_config=TEXT)),
+    "SiglipForImageClassification": lambda: SiglipForImageClassification(SiglipConfig(
+        vision_config=VISION, text_config=TEXT, num_labels=5)),
+    "Dinov2Model": lambda: Dinov2Model(Dinov2Config(**SMALL, mlp_ratio=2)),
+    "Dinov2WithRegistersForImageClassification": lambda: Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=4, num_labels=5)),
+    "Dinov2WithRegistersBackbone": lambda: Dinov2WithRegistersBackbone(Dinov2WithRegistersConfig(
+        **SMALL, mlp_ratio=2, num_register_tokens=1, out_features=["stage3"])),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_CLASSES))
+def test_the_other_table_classes(name):
+    torch.manual_seed(0)
+    dense = OTHER_CLASSES[name]().double().eval()
+    assert type(dense).__name__ == name
+    pm = pm_kernels.patch(copy.deepcopy(dense))
+    host = pm_kernels.host_of(pm)
+    images, _ = data()
+    with torch.no_grad():
+        assert_same(host.forward_images(pm, images), host.forward_images(dense, images), 1e-9)
+        pm_kernels.compress(pm, torch.rand(3, N_PATCHES) + 0.1, keep_rate=0.5)
+        out = host.forward_images(pm, images)
+        assert not torch.allclose(tensors(out)[0], tensors(host.forward_images(dense, images))[0])
+        if "Backbone" not in name:
+            fast = pm_kernels.optimize(pm)
+            assert_same(host.forward_images(fast, images), out, 1e-9)
+
+
+def test_fused_block_runs_an_unpatched_library_layer():
+    pm, dense = compressed("vit")
+    layer = next(layer for layer in pm.vit.layers if layer.M is not None)
+    index = list(pm.vit.layers).index(layer)
+    x = torch.randn(2, 1 + N_PATCHES, 64, dtype=torch.float64)
+    want = SpecLayer(dense.vit.layers[index], layer, [])(x, None)
+    got = pm_kernels.fused_block(x, dense.vit.layers[index], layer.M.detach(), layer.R.detach(), layer.keep_mask)
+    assert (got - want).abs().max() <= 1e-9
+    assert (pm_kernels.fused_block(x, layer, layer.M.detach(), layer.R.detach(), layer.keep_mask) - want
+            ).abs().max() <= 1e-9
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -327,9 +382,14 @@ TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermed
             patch_size=8)
 
 
+SAM_VISION = dict(TINY, output_channels=16, window_size=2, global_attn_indexes=[0])
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda: SamVisionModel(SamVisionConfig(**TINY, output_channels=16, window_size=2, global_attn_indexes=[0])),
+    (lambda: SamVisionModel(SamVisionConfig(**SAM_VISION)),
      r"SamVisionModel is not supported by Prune-and-Merge: SAM's vision encoder uses windowed attention"),
+    (lambda: SamModel(SamConfig(vision_config=SAM_VISION)).vision_encoder,
+     r"SamVisionEncoder is not supported by Prune-and-Merge: SAM's vision encoder uses windowed attention"),
     (lambda: Siglip2VisionModel(Siglip2VisionConfig(**{k: v for k, v in TINY.items() if k != "image_size"})),
      r"Siglip2VisionModel is not supported .*NaFlex.*different patch grid per image"),
     (lambda: ViTMAEModel(ViTMAEConfig(**TINY, mask_ratio=0.75)),

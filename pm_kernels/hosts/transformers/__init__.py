@@ -167,13 +167,24 @@ class TransformersHost(Host):
         return sum(head_macs(module_at(model, path), n) for path in model_spec(model).heads)
 
     def export_outputs(self, outputs: Any) -> Any:
-        if isinstance(outputs, ModelOutput):
-            return tuple(v for v in outputs.to_tuple() if isinstance(v, torch.Tensor))
-        return outputs
+        """A ``ModelOutput``'s tensors in field order, nested tuples and outputs flattened (the file's outputs)."""
+        if isinstance(outputs, torch.Tensor):
+            return outputs
+        return tuple(_flat_tensors(outputs))
 
     def reference_tensor(self, model: nn.Module) -> torch.Tensor:
         _, tower, tspec = parts(model)
         return module_at(tower, tspec.patch_conv).weight
+
+
+def _flat_tensors(value) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, ModelOutput):
+        value = value.to_tuple()
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat_tensors(v)]
+    return []
 
 
 HOST = TransformersHost()
