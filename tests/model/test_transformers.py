@@ -435,8 +435,15 @@ def test_a_compressed_dinov2_refuses_another_grid_with_the_same_token_count():
     assert pm_kernels.host_of(pm).any_size(pm)
 
 
-def test_a_plain_vit_model_is_supported_and_set_backend_reaches_its_attention():
+def test_set_backend_reaches_the_attention_and_another_implementation_is_refused():
     pm = pm_kernels.patch(ViTModel(ViTConfig(**TINY)))
     pm_kernels.set_backend(pm, "torch")
     assert {layer.attention.backend for layer in pm.layers} == {"torch"}
     assert pm.config._attn_implementation == "pm_kernels"
+    images = torch.randn(1, 3, 32, 32)
+    want = pm(pixel_values=images).last_hidden_state
+    pm.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"_attn_implementation was set to 'sdpa' after pm_kernels.patch"):
+        pm(pixel_values=images)
+    pm.set_attn_implementation("pm_kernels")
+    assert torch.equal(pm(pixel_values=images).last_hidden_state, want)

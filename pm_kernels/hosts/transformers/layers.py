@@ -137,6 +137,11 @@ def check_call(tower: nn.Module, args: tuple, kwargs: dict):
     if kwargs.get("attention_mask") is not None:
         raise ValueError(f"attention_mask: a Prune-and-Merge {name} takes no attention mask (every image keeps all "
                          "its tokens; the structure is per layer, the same for every image)")
+    if tower.config._attn_implementation != IMPLEMENTATION:
+        raise ValueError(f"model: {name}'s config._attn_implementation was set to "
+                         f"{tower.config._attn_implementation!r} after pm_kernels.patch: its layers would attend "
+                         f"without pm_kernels (no calibration score, no kernels); "
+                         f"model.set_attn_implementation({IMPLEMENTATION!r}) sets it back")
     layers = tower_layers(tower, tspec)
     optimized = runner_of(module_at(tower, tspec.layers)) is not None
     compressed = any(layer.M is not None for layer in layers)
