@@ -132,7 +132,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if backend == "triton":
         from .kernels.attention_triton import attention_fwd
         return attention_fwd(q, k, v, scale, bias, bias_h, bias_w, key_h, key_w)
-    return attention_forward_reference(q, k, v, scale, attention_bias_reference(bias, bias_h, bias_w, key_h, key_w))
+    total_bias = attention_bias_reference(bias, bias_h, bias_w, key_h, key_w, _compute_dtype(q.dtype))
+    return attention_forward_reference(q, k, v, scale, total_bias)
 
 
 @_attention_fwd.register_fake
@@ -155,7 +156,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dq, dk, dv, d_logits, d_h, d_w = attention_bwd(grad_out, q, k, v, out, lse, scale, score, bias, bias_h,
                                                        bias_w, key_h, key_w, bias_grad, rel_pos_grad)
     else:
-        total_bias = attention_bias_reference(bias, bias_h, bias_w, key_h, key_w)
+        total_bias = attention_bias_reference(bias, bias_h, bias_w, key_h, key_w, _compute_dtype(q.dtype))
         dq, dk, dv, d_logits = attention_backward_logits_reference(grad_out, q, k, v, out, lse, scale, score,
                                                                    total_bias)
         if rel_pos_grad:

@@ -75,10 +75,15 @@ class _RelPosBias(torch.autograd.Function):
         return d_h, d_w, None, None
 
 
-def attention_bias_reference(bias, bias_h, bias_w, key_h, key_w) -> Optional[torch.Tensor]:
+def attention_bias_reference(bias, bias_h, bias_w, key_h, key_w,
+                             dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """The whole additive logit bias, broadcastable to (B, H, N, N): ``bias`` plus the decomposed relative-position
-    bias (either may be None; None when there is neither), differentiable w.r.t. bias, bias_h and bias_w with the
-    gradients the kernels give (the one-hot product for the tables)."""
+    bias (either may be None; None when there is neither), summed in ``dtype`` (default: the inputs' own; the
+    compute dtype where it matters that half inputs are not rounded after the sum, as the kernels do not),
+    differentiable w.r.t. bias, bias_h and bias_w with the gradients the kernels give (the one-hot product for the
+    tables)."""
+    if dtype is not None:
+        bias, bias_h, bias_w = (None if t is None else t.to(dtype) for t in (bias, bias_h, bias_w))
     if bias_h is None:
         return bias
     rel_pos = _RelPosBias.apply(bias_h, bias_w, key_h, key_w)
