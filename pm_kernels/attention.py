@@ -250,11 +250,20 @@ def run_attention(q, k, v, scale: float, score: Optional[torch.Tensor], dropout_
                   bias: Optional[torch.Tensor] = None, bias_h: Optional[torch.Tensor] = None,
                   bias_w: Optional[torch.Tensor] = None, key_h: Optional[torch.Tensor] = None,
                   key_w: Optional[torch.Tensor] = None):
-    """``attention`` on the resolved backend ``name``, no checks (callers that resolved it once call this)."""
-    if name == "torch" and score is None:
+    """``attention`` on the resolved backend ``name``, no checks (callers that resolved it once call this).
+
+    The torch backend runs SDPA (the bias materialised as its ``attn_mask``) unless a score is asked for, or a bias
+    needs a gradient without dropout: SDPA then runs its math kernel, whose softmax turns a whole row NaN for one
+    +inf logit (docs/architecture.md, "Non-finite input"), so the reference custom op runs instead (which also keeps
+    no N×N attention matrix for the backward)."""
+    if name == "torch" and score is None and (dropout_p > 0 or not _bias_needs_grad(bias, bias_h, bias_w)):
         mask = attention_bias_reference(bias, bias_h, bias_w, key_h, key_w)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return _attention_fwd(q, k, v, scale, score, bias, bias_h, bias_w, key_h, key_w, name)[0]
+
+
+def _bias_needs_grad(*biases: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in biases)
 
 
 # ------------------------------------------------------------------------------------------- FLOPs

@@ -148,14 +148,33 @@ def test_triton_both_biases_strided(dtype):
 
 # ----------------------------------------------------------------------------------------- torch backend
 
-@pytest.mark.parametrize("with_score", [True, False], ids=["reference", "sdpa"])
+@pytest.mark.parametrize("with_score", [True, False], ids=["score", "no-score"])
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
 def test_torch_backend_matches_float64_formula(dtype, with_score):
+    """The reference custom op (a score, or a bias that needs a gradient), and SDPA with the bias materialised as
+    its attn_mask (inference)."""
     (q, k, v, do), rel_pos = _rel_pos_case(2, 2, 11, 16, 3, 4, "merged-per-batch", dtype, seed=9)
     bias = torch.randn(1, 2, 11, 11, generator=torch.Generator().manual_seed(10)).to(DEVICE, dtype).requires_grad_()
     got = run(q, k, v, do, "torch", with_score=with_score, bias=bias, **rel_pos)
     names = ("out", "dq", "dk", "dv", "d_bias", "d_bias_h", "d_bias_w") + (("score",) if with_score else ())
-    check(got, formula(q, k, v, do, bias=bias, **rel_pos), dtype, names)
+    want = formula(q, k, v, do, bias=bias, **rel_pos)
+    check(got, want, dtype, names)
+    with torch.no_grad():
+        out = attention(q, k, v, bias=bias, backend="torch", **rel_pos)
+    check((out,), want[:1], dtype, ("out",))
+
+
+def test_torch_backend_dropout_with_bias():
+    """Dropout (SDPA's, training) with a bias that needs a gradient: it runs, and the gradient reaches the tables."""
+    (q, k, v, do), rel_pos = _rel_pos_case(1, 2, 16, 16, 3, 4, "merged", torch.float32, seed=18)
+    torch.manual_seed(19)
+    out = attention(q, k, v, dropout_p=0.5, backend="torch", **rel_pos)
+    out.backward(do)
+    without = formula(q, k, v, do, **rel_pos)[0]
+    assert norm_rel_err(out, without) > 0.1  # dropped probabilities change the output
+    for name in ("bias_h", "bias_w"):
+        grad = rel_pos[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
