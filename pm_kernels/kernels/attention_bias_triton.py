@@ -37,7 +37,8 @@ def bias_pointers(BIAS, BH, BW, KEY_H, KEY_W, off_b, off_h, H, N, GH, GW, stride
 def _key_index(KEY, keys, mask_keys, G):
     """The position indices of a block of keys (0 for padding keys) and whether each lies in [0, G)."""
     index = tl.load(KEY + keys, mask=mask_keys, other=0)
-    return index, (index >= 0) & (index < G)
+    ok = (index >= 0) & (index < G)
+    return tl.where(ok, index, 0).to(tl.int32), ok  # int32 offsets: half the registers of int64 ones
 
 
 @triton.jit
