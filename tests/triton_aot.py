@@ -56,7 +56,8 @@ class Launch:
         c = self.constexprs
         flags = [name for key, name in (("HAS_BIAS", "+bias"), ("STORE_D_BIAS", "+d_bias")) if c.get(key)]
         if c.get("HAS_REL_POS"):
-            flags.append("+rel_pos" + (f"(d_tables G_PAD={c['GH_PAD']}x{c['GW_PAD']})" if c.get("REL_POS_GRAD") else ""))
+            tables = f"(d_tables G_PAD={c['GH_PAD']}x{c['GW_PAD']})" if c.get("REL_POS_GRAD") else ""
+            flags.append("+rel_pos" + tables)
         return " ".join([self.name] + parts + flags + [f"w{self.options['num_warps']}s{self.options['num_stages']}"])
 
 

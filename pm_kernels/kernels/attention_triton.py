@@ -12,6 +12,10 @@ Backward (three launches, all deterministic, no atomics):
    partials are summed over b·h by torch and added into ``score``.
 3. ``_attn_bwd_dq_kernel``: query-block-major; dQ = Σ_k dS K · scale.
 
+With a logit bias (a general one and / or SAM's decomposed relative-position bias) the forward, dK/dV and dQ
+kernels recompute it per tile under a constexpr branch, and the dQ kernel also forms its gradients
+(``attention_bias_triton.py``). Without one the branches compile away (the same SASS as before the bias).
+
 q, k, v, dO are read through their strides (so timm's ``qkv.reshape(B,N,3,H,D).permute(2,0,3,1,4)``
 views need no copy); O, dQ, dK, dV are allocated contiguous (B, H, N, D). Head dims 32, 64, 128; fp32,
 fp16, bf16. fp32 dots use TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` is set.
