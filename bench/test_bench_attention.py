@@ -58,7 +58,7 @@ def _make(n: int, requires_grad: bool):
 
 
 def _case(kind: str, n: int):
-    """A no-argument function running one step of ``kind`` (synchronised), and the tensors it keeps alive."""
+    """A no-argument function running one step of ``kind`` (it keeps its tensors alive)."""
     needs_grad = kind.endswith("bwd") or kind.endswith("score")
     qkv, q, k, v, do = _make(n, needs_grad)
     score = torch.zeros(n, device="cuda", dtype=torch.float32)
@@ -85,12 +85,7 @@ def _case(kind: str, n: int):
             torch.autograd.grad(_eager_with_hook(qq, kk, vv, score), (qkv,), do)
     else:
         raise ValueError(kind)
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    return synced
+    return step
 
 
 KINDS = ("sdpa_fwd", "ours_fwd", "sdpa_fwd_bwd", "ours_fwd_bwd_score", "eager_hook_fwd_bwd_score")
@@ -100,7 +95,17 @@ KINDS = ("sdpa_fwd", "ours_fwd", "sdpa_fwd_bwd", "ours_fwd_bwd_score", "eager_ho
 @pytest.mark.parametrize("n", SEQ_LENS)
 def test_bench_attention(benchmark, n, kind):
     torch.cuda.empty_cache()
-    fn = _case(kind, n)
+    _measure(benchmark, _case(kind, n), f"attention B={B} H={H} N={n} D={D} bf16",
+             {"kind": kind, "B": B, "H": H, "N": n, "D": D})
+
+
+def _measure(benchmark, step, group: str, info: dict):
+    """Run ``step`` (synchronised) once to compile / autotune, once for its peak memory above the inputs, then 20
+    timed rounds."""
+    def fn():
+        step()
+        torch.cuda.synchronize()
+
     fn()  # compile / autotune outside the measurements
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -108,11 +113,9 @@ def test_bench_attention(benchmark, n, kind):
     fn()
     peak = torch.cuda.max_memory_allocated() - base
 
-    benchmark.group = f"attention B={B} H={H} N={n} D={D} bf16"
-    benchmark.extra_info.update({
-        "kind": kind, "B": B, "H": H, "N": n, "D": D, "dtype": str(DTYPE).replace("torch.", ""),
-        "peak_mem_mib": round(peak / 2**20, 1), "device": torch.cuda.get_device_name(),
-    })
+    benchmark.group = group
+    benchmark.extra_info.update(info, dtype=str(DTYPE).replace("torch.", ""), peak_mem_mib=round(peak / 2**20, 1),
+                                device=torch.cuda.get_device_name())
     benchmark.pedantic(fn, rounds=20, warmup_rounds=3, iterations=1)
 
 
@@ -145,12 +148,7 @@ def _rel_pos_case(kind: str, batch: int, n: int, grid: int):
             torch.autograd.grad(out, leaves, do)
     else:
         raise ValueError(kind)
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    return synced
+    return step
 
 
 @pytest.mark.parametrize("kind", REL_POS_KINDS)
@@ -158,17 +156,6 @@ def _rel_pos_case(kind: str, batch: int, n: int, grid: int):
 def test_bench_attention_rel_pos(benchmark, case, kind):
     label, batch, n, grid = case
     torch.cuda.empty_cache()
-    fn = _rel_pos_case(kind, batch, n, grid)
-    fn()  # compile / autotune outside the measurements
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    peak = torch.cuda.max_memory_allocated() - base
-
-    benchmark.group = f"SAM attention, decomposed bias, {label}: B={batch} H={SAM_H} N={n} D={D} G={grid} bf16"
-    benchmark.extra_info.update({
-        "kind": kind, "B": batch, "H": SAM_H, "N": n, "D": D, "G": grid, "dtype": str(DTYPE).replace("torch.", ""),
-        "peak_mem_mib": round(peak / 2**20, 1), "device": torch.cuda.get_device_name(),
-    })
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=3, iterations=1)
+    _measure(benchmark, _rel_pos_case(kind, batch, n, grid),
+             f"SAM attention, decomposed bias, {label}: B={batch} H={SAM_H} N={n} D={D} G={grid} bf16",
+             {"kind": kind, "B": batch, "H": SAM_H, "N": n, "D": D, "G": grid})

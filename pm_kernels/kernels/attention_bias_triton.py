@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BiasArgs", "bias_args"]
+# jit helpers (called from the kernels of attention_triton.py), then the launchers' argument builder.
+__all__ = ["bias_pointers", "bias_tile", "one_hot", "store_table", "BiasArgs", "bias_args"]
+
 
 @triton.jit
 def bias_pointers(BIAS, BH, BW, KEY_H, KEY_W, off_b, off_h, H, N, GH, GW, stride_bias_b, stride_bias_h,
@@ -76,7 +78,7 @@ def bias_tile(BIAS, BH, BW, KEY_H, KEY_W, queries, keys, mask_q, mask_k,
             bias += rel_pos
         else:
             bias = rel_pos
-    return bias * 1.4426950408889634
+    return bias * 1.4426950408889634  # log2(e): the kernels' logits are in log2 units
 
 
 @triton.jit

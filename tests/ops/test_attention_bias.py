@@ -108,6 +108,15 @@ def test_triton_rel_pos_sam_window():
 
 
 @needs_triton
+@pytest.mark.slow
+def test_triton_rel_pos_global_grid_large_blocks():
+    """SAM's global grid (64 × 64 positions: tables of 64 columns) past 1024 tokens, where the launcher takes its
+    large blocks (128 × 64 under the interpreter): merged tokens at random positions of the grid."""
+    (q, k, v, do), rel_pos = _rel_pos_case(1, 1, 1030, 64, 64, 64, "merged", torch.bfloat16, seed=20)
+    check(run(q, k, v, do, "triton", **rel_pos), formula(q, k, v, do, **rel_pos), torch.bfloat16, REL_POS_NAMES)
+
+
+@needs_triton
 def test_triton_rel_pos_is_deterministic():
     (q, k, v, do), rel_pos = _rel_pos_case(2, 2, 45, 32, 6, 9, "merged", torch.float32, seed=4)
     first = run(q, k, v, do, "triton", **rel_pos)
