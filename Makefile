@@ -38,7 +38,7 @@ test-timm: $(STAMP)
 COMPAT_TRITON ?= 3.6.0
 COMPAT_VENV   := .venv-triton-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
-TRITON_TESTS  := tests/ops/test_attention.py tests/ops/test_token_ops.py tests/ops/test_backends.py tests/ops/test_triton_compile.py
+TRITON_TESTS  := tests/ops/test_attention.py tests/ops/test_attention_bias.py tests/ops/test_token_ops.py tests/ops/test_backends.py tests/ops/test_triton_compile.py
 PURELIB       := import sysconfig; print(sysconfig.get_paths()["purelib"])
 
 $(COMPAT_STAMP): $(STAMP)

@@ -58,16 +58,19 @@ def _pm_model_and_dtype(model) -> Tuple[torch.nn.Module, Optional[torch.dtype]]:
 
 
 class _Exported(torch.nn.Module):
-    """images → the tensor(s) the file returns: the host's outputs of a host model (e.g. a transformers
-    ``ModelOutput`` → its tensors), a task model's output as it is."""
+    """images → the tensor(s) the file returns: a host model's images go in as its host calls it (e.g. a
+    two-tower CLIP's ``get_image_features``) and its output comes out as the host's tensors (e.g. a transformers
+    ``ModelOutput`` → its tensors); a task model is called on the images and its output kept as it is."""
 
-    def __init__(self, folded: torch.nn.Module, outputs):
+    def __init__(self, folded: torch.nn.Module, host=None):
         super().__init__()
         self.folded = folded
-        self.outputs = outputs
+        self.host = host
 
     def forward(self, images: torch.Tensor):
-        return self.outputs(self.folded(images))
+        if self.host is None:
+            return self.folded(images)
+        return self.host.export_outputs(self.host.forward_images(self.folded, images))
 
 
 def _example(pm: torch.nn.Module, example_inputs, dynamic_batch: bool) -> torch.Tensor:
@@ -172,8 +175,7 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
 
     host, backbone = resolve(pm)
     with _traceable(pm), torch.no_grad():
-        folded = _Exported(optimize(pm, backend="torch", dtype=dtype),
-                           host.export_outputs if backbone is pm else (lambda outputs: outputs))
+        folded = _Exported(optimize(pm, backend="torch", dtype=dtype), host if backbone is pm else None).eval()
         if format == "pt2":
             program = torch.export.export(folded, (x,), dynamic_shapes=dynamic_shapes)
             _write_into(path, lambda tmp: torch.export.save(program, tmp))

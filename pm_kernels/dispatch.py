@@ -45,10 +45,12 @@ class Support:
 _TOKEN_OP = {"cuda": Support(), "triton": Support(dtypes=_TRITON_FLOAT), "torch": Support()}
 
 CAPABILITIES: Dict[str, Dict[str, Support]] = {
-    # features: "score" = emits the SPEC §3 score in backward; "dropout" = attention-probability dropout.
+    # features: "score" = emits the SPEC §3 score in backward; "dropout" = attention-probability dropout;
+    # "bias" = a general additive logit bias; "rel_pos_bias" = the decomposed relative-position bias (SAM).
     "attention": {
-        "triton": Support(dtypes=_TRITON_FLOAT, head_dims=(32, 64, 128), features=frozenset({"score"})),
-        "torch": Support(features=frozenset({"score", "dropout"})),
+        "triton": Support(dtypes=_TRITON_FLOAT, head_dims=(32, 64, 128),
+                          features=frozenset({"score", "bias", "rel_pos_bias"})),
+        "torch": Support(features=frozenset({"score", "dropout", "bias", "rel_pos_bias"})),
     },
     "merge": _TOKEN_OP,
     "reconstruct": _TOKEN_OP,

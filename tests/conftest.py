@@ -4,12 +4,14 @@
   pm_kernels' kernel modules are imported, and pytest imports this file before any test module.
 - The shared test modules (helpers.py, formulas.py, triton_aot.py) are imported by name, whatever the import
   mode pytest is configured with.
+- ``one_torch_thread``: a module fixture, one torch thread while the module runs (the CPU is shared).
 - Markers: ``slow`` (CI runs them; ``-m "not slow"`` leaves them out locally), ``gpu`` (the GPU-only matrix,
   run first on a machine with a GPU, where device time is short).
 """
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -35,3 +37,13 @@ def gpu_first(items):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         items[:] = gpu_first(items)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared CPU, extra OpenMP threads spin against other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
-"""Shared by the token-op tests (test_token_ops.py: triton and torch backends; test_extension.py: the compiled
-extension): inputs, the float64 comparison and its per-dtype tolerances (Liger-style table)."""
+"""Shared by the op tests: for the token ops (test_token_ops.py: triton and torch backends; test_extension.py: the
+compiled extension) and for attention (test_attention.py, test_attention_bias.py): inputs, the float64 comparison
+and its per-dtype tolerances (Liger-style table)."""
 from typing import NamedTuple
 
 import pytest
@@ -71,3 +72,52 @@ def float64_leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 copy of an op input as the op defines it: weights are used in the activations' ``dtype``
     (autocast-style), so they are first rounded to it; activations are exact in float64."""
     return t.detach().to(dtype).double().requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+TF32 = torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32
+
+
+def attention_tol(dtype: torch.dtype) -> float:
+    """Norm-wise relative tolerance of attention's out, dq, dk, dv (and bias gradients) against float64."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 5e-3 if TF32 else 1e-4
+    return 1e-2
+
+
+def attention_score_tol(dtype: torch.dtype) -> float:
+    """Max-norm relative tolerance of the score: it is accumulated in fp32 from fp32 P and fp32-accumulated dP
+    whatever the input dtype, and the formula runs on the same rounded inputs, so half inputs get no slack."""
+    return 5e-3 if (TF32 and dtype == torch.float32) else 1e-4
+
+
+def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def attention_inputs(B, H, N, D, dtype, device, scale=1.0, seed=0):
+    """q, k, v (leaves that require grad) and an upstream gradient dO, (B, H, N, D) each, N(0, scale²)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, D, generator=g) * scale for _ in range(4))
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, do.to(device, dtype)
+
+
+def assert_attention_close(got, ref, dtype, names):
+    """Each named result against the formula's: norm-wise for tensors, max-norm for the score (one wrong entry of
+    a vector shows, however many right ones it has). A missing result (a None gradient) fails: it is not skipped."""
+    assert len(got) == len(ref) == len(names)
+    for name, g, r in zip(names, got, ref):
+        assert g is not None, f"{name} is missing (None)"
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        if name == "score":
+            err, tol = rel_err(g, r), attention_score_tol(dtype)
+        else:
+            err, tol = norm_rel_err(g, r), attention_tol(dtype)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"

@@ -74,8 +74,10 @@ def test_no_import_cycle_in_the_package():
     assert "pm_kernels.kernels.attention_triton" in graph  # the walk saw the kernel files
 
 
-# Attribute names only one host library's models have: read anywhere else, they tie that code to the library.
-# (``self.<name>`` of a class of our own is not a host's name: e.g. the Segmenter decoder's own ``blocks``.)
+# Attribute names only the host libraries' models have: read anywhere else, they tie that code to the library.
+# A name two libraries share (open_clip's towers and timm both have ``attn``, ``attn_pool``, ``grid_size``) may be
+# read in either's host. (``self.<name>`` of a class of our own is not a host's name: e.g. the Segmenter decoder's
+# own ``blocks``.)
 HOST_NAMES = {
     "timm": {"patch_embed", "num_prefix_tokens", "blocks", "forward_head", "forward_features", "global_pool",
              "fc_norm", "attn_pool", "norm_pre", "patch_drop", "_pos_embed", "reset_classifier",
@@ -83,9 +85,11 @@ HOST_NAMES = {
     "transformers": {"vision_model", "vision_config", "text_model", "_attn_implementation", "hidden_size",
                      "num_hidden_layers", "num_attention_heads", "post_layernorm", "pre_layrnorm",
                      "patch_embeddings", "last_hidden_state", "pooler_output", "layernorm_before",
-                     "layernorm_after", "self_attn", "get_image_features"},
+                     "layernorm_after", "self_attn", "get_image_features", "num_register_tokens",
+                     "output_attentions", "output_hidden_states", "set_attn_implementation", "to_tuple"},
     "open_clip": {"visual", "resblocks", "conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post",
-                  "in_proj_weight", "in_proj_bias", "encode_image", "trunk"},
+                  "in_proj_weight", "in_proj_bias", "encode_image", "trunk", "attn", "attn_pool", "grid_size",
+                  "ln_1", "ln_2", "ls_1", "ls_2", "_embeds", "_pool", "pool_type", "output_tokens", "patch_dropout"},
 }
 # Every module is on the host layer (the pipeline joined with its task rewrite, issue 23); none is exempt.
 NOT_YET_ON_HOSTS = ()
@@ -93,12 +97,13 @@ NOT_YET_ON_HOSTS = ()
 
 def _host_name_reads(source: str, rel: str):
     """(line, library, name) of every host attribute name read in ``source`` (the module at ``rel``, e.g.
-    "pm_kernels/calibrate.py") outside that library's host."""
+    "pm_kernels/calibrate.py") outside the hosts of the libraries that have that name."""
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Attribute) or isinstance(node.value, ast.Name) and node.value.id == "self":
             continue
-        for library, names in HOST_NAMES.items():
-            if node.attr in names and not rel.startswith(f"pm_kernels/hosts/{library}"):
+        owners = [library for library, names in HOST_NAMES.items() if node.attr in names]
+        if not any(rel.startswith(f"pm_kernels/hosts/{library}") for library in owners):
+            for library in owners:
                 yield node.lineno, library, node.attr
 
 
@@ -112,8 +117,28 @@ def test_host_names_are_read_only_in_their_host():
 def test_the_host_name_check_finds_a_planted_read():
     planted = "def grid(model):\n    return model.patch_embed.grid_size, model.visual, self.blocks\n"
     found = sorted((library, name) for _, library, name in _host_name_reads(planted, "pm_kernels/calibrate.py"))
-    assert found == [("open_clip", "visual"), ("timm", "grid_size"), ("timm", "patch_embed")]
+    assert found == [("open_clip", "grid_size"), ("open_clip", "visual"), ("timm", "grid_size"), ("timm", "patch_embed")]
     assert [name for _, _, name in _host_name_reads(planted, "pm_kernels/hosts/timm/model.py")] == ["visual"]
+    # a name two libraries share is theirs to read: grid_size in the open_clip host, not open_clip's visual in timm's
+    assert [name for _, _, name in _host_name_reads(planted, "pm_kernels/hosts/open_clip.py")] == ["patch_embed"]
+
+
+OPTIONAL_HOSTS = {"transformers": "pm_kernels/hosts/transformers", "open_clip": "pm_kernels/hosts/open_clip"}
+
+
+def test_optional_host_libraries_are_imported_by_their_hosts_only():
+    """Without transformers / open_clip installed the package imports and runs timm models: only their hosts,
+    imported on first use of such a model, import them."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for library, host in OPTIONAL_HOSTS.items():
+                if any(n.split(".")[0] == library for n in names) and not rel.startswith(host):
+                    found.append(f"{rel}:{node.lineno}: imports {library}")
+    assert not found, "\n".join(found)
 
 
 def test_backends_function_and_old_module_path():

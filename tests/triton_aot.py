@@ -52,7 +52,13 @@ class Launch:
         parts = [f"{k}={self.constexprs[k]}" for k in keys if k in self.constexprs]
         if not any(k in self.constexprs for k in ("IN_DTYPE", "DOT_DTYPE")):
             parts.insert(0, next(t for t in self.signature.values() if t.startswith("*"))[1:])
-        return " ".join([self.name] + parts + [f"w{self.options['num_warps']}s{self.options['num_stages']}"])
+        # The attention kernels' bias branches, where on (without a bias the label is the plain kernel's).
+        c = self.constexprs
+        flags = [name for key, name in (("HAS_BIAS", "+bias"), ("STORE_D_BIAS", "+d_bias")) if c.get(key)]
+        if c.get("HAS_REL_POS"):
+            tables = f"(d_tables G_PAD={c['GH_PAD']}x{c['GW_PAD']})" if c.get("REL_POS_GRAD") else ""
+            flags.append("+rel_pos" + tables)
+        return " ".join([self.name] + parts + flags + [f"w{self.options['num_warps']}s{self.options['num_stages']}"])
 
 
 def _arg_type(value) -> str:
@@ -118,15 +124,43 @@ def recording(sink: List[Launch]):
         yield
 
 
-def attention_launches(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> List[Launch]:
-    """Forward and backward (with the score) launches of the fused attention at this shape."""
+def attention_launches(B: int, H: int, N: int, D: int, dtype: torch.dtype, bias: bool = False,
+                       rel_pos_grid: Optional[int] = None) -> List[Launch]:
+    """Forward and backward (with the score) launches of the fused attention at this shape; with a general bias
+    (and its gradient) and / or SAM's decomposed relative-position bias on a ``rel_pos_grid``-sided grid (and the
+    tables' gradients)."""
     from pm_kernels.kernels import attention_triton as at
     sink: List[Launch] = []
     q, k, v, g = (torch.zeros(B, H, N, D, dtype=dtype) for _ in range(4))
+    kwargs = {}
+    if bias:
+        kwargs["bias"] = torch.zeros(1, H, N, N, dtype=dtype)
+    if rel_pos_grid is not None:
+        kwargs.update(bias_h=torch.zeros(B, H, N, rel_pos_grid, dtype=dtype),
+                      bias_w=torch.zeros(B, H, N, rel_pos_grid, dtype=dtype),
+                      key_h=torch.zeros(N, dtype=torch.int64), key_w=torch.zeros(N, dtype=torch.int64))
     with recording(sink):
-        out, lse = at.attention_fwd(q, k, v, D ** -0.5)
-        at.attention_bwd(g, q, k, v, out, lse, D ** -0.5, score=torch.zeros(N))
+        out, lse = at.attention_fwd(q, k, v, D ** -0.5, **kwargs)
+        at.attention_bwd(g, q, k, v, out, lse, D ** -0.5, torch.zeros(N), **kwargs, bias_grad=bias,
+                         rel_pos_grad=rel_pos_grid is not None)
     return sink
+
+
+# SAM's attention (ViT-B/L/H, head dim 64): windowed blocks, 14 × 14 windows (N = 196); global blocks, a 64 × 64 grid
+# (N = 4096). The launches do not depend on N on a GPU (the autotuner picks among the same configs), but the tables'
+# gradient tiles do on the grid side: 16 and 64 columns.
+SAM_SHAPES = ((196, 14), (4096, 64))
+
+
+def sam_launches(dtype: torch.dtype = torch.bfloat16) -> List[Launch]:
+    """The attention launches of SAM's windowed and global blocks (B = 2 windows / images, H = 12), with the
+    decomposed bias; and those of a general bias at the window's size."""
+    launches = []
+    for n, grid in SAM_SHAPES:
+        launches += [launch for launch in attention_launches(2, 12, n, 64, dtype, rel_pos_grid=grid)
+                     if launch.name != "_attn_bwd_preprocess"]  # no bias there: the plain kernel's launch
+    return launches + [launch for launch in attention_launches(2, 12, 196, 64, dtype, bias=True)
+                       if launch.name != "_attn_bwd_preprocess"]
 
 
 def token_op_launches(B: int, N: int, K: int, K2: int, C: int, dtype: torch.dtype) -> List[Launch]:
@@ -182,7 +216,7 @@ def deit_launches() -> List[Launch]:
         launches += token_op_launches(4, 197, 118, 100, 384, dtype)
     launches += token_op_launches(2, 577, 346, 300, 384, torch.bfloat16)
     launches += token_op_launches(2, 785, 471, 400, 768, torch.bfloat16)
-    return launches
+    return launches + sam_launches(torch.bfloat16) + sam_launches(torch.float32)
 
 
 def quick_launches() -> List[Launch]:
@@ -199,6 +233,17 @@ def quick_launches() -> List[Launch]:
     # The fused boundary holds the whole N-token tile: its largest shared-memory case (DeiT-B at 384 px).
     launches += [launch for launch in token_op_launches(2, 785, 471, 400, 768, torch.bfloat16)
                  if launch.name.startswith("_reconstruct_merge")]
+    # The bias branches in bf16 at SAM's shapes: the first config of each kernel, and for the dQ kernel (which holds
+    # the tables' gradient tiles) at the global blocks' grid also its largest tile (128 × 64, 8 warps, 3 stages).
+    firsts = set()
+    for launch in sam_launches(torch.bfloat16):
+        label = launch.label()
+        key = (launch.name, "+rel_pos" in label, "+bias" in label, launch.constexprs.get("GH_PAD"))
+        largest = (launch.name == "_attn_bwd_dq_kernel" and launch.constexprs.get("GH_PAD") == 64
+                   and "BLOCK_M=128 BLOCK_N=64" in label and label.endswith("w8s3"))
+        if key not in firsts or largest:
+            firsts.add(key)
+            launches.append(launch)
     return launches
 
 

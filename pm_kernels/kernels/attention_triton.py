@@ -12,6 +12,10 @@ Backward (three launches, all deterministic, no atomics):
    partials are summed over b·h by torch and added into ``score``.
 3. ``_attn_bwd_dq_kernel``: query-block-major; dQ = Σ_k dS K · scale.
 
+With a logit bias (a general one and / or SAM's decomposed relative-position bias) the forward, dK/dV and dQ
+kernels recompute it per tile under a constexpr branch, and the dQ kernel also forms its gradients
+(``attention_bias_triton.py``). Without one the branches compile away (the same SASS as before the bias).
+
 q, k, v, dO are read through their strides (so timm's ``qkv.reshape(B,N,3,H,D).permute(2,0,3,1,4)``
 views need no copy); O, dQ, dK, dV are allocated contiguous (B, H, N, D). Head dims 32, 64, 128; fp32,
 fp16, bf16. fp32 dots use TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` is set.
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import interpreting
+from .attention_bias_triton import bias_args, bias_pointers, bias_tile, one_hot, store_table
 
 __all__ = ["attention_fwd", "attention_bwd"]
 
@@ -77,14 +82,15 @@ def _store_rows(ptr, rows, mask, stride_n, stride_d, offs_d, acc, UPCAST: tl.con
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, BIAS, BH, BW, KEY_H, KEY_W,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, qk_scale,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k, stride_key_b,
+    H, N, GH, GW, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REL_POS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,6 +101,9 @@ def _attn_fwd_kernel(
     V += off_b * stride_vb + off_h * stride_vh
     O += off_b * stride_ob + off_h * stride_oh
     LSE += pid_bh.to(tl.int64) * N
+    if HAS_BIAS or HAS_REL_POS:
+        BIAS, BH, BW, KEY_H, KEY_W = bias_pointers(BIAS, BH, BW, KEY_H, KEY_W, off_b, off_h, H, N, GH, GW,
+                                                   stride_bias_b, stride_bias_h, stride_key_b)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -113,6 +122,9 @@ def _attn_fwd_kernel(
         v = _load_rows(V, cols, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
         # Logits in log2 units; out-of-range keys get -inf.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_BIAS or HAS_REL_POS:
+            s += bias_tile(BIAS, BH, BW, KEY_H, KEY_W, offs_m, cols, mask_m, mask_n, stride_bias_q, stride_bias_k,
+                           GH, GW, HAS_BIAS, HAS_REL_POS, False)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # l_i and acc are sums of exp2(s - c), c = the running max m, or 0 while m is ±inf (torch.logsumexp's
@@ -159,16 +171,18 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, SP,
+    Q, K, V, DO, LSE, Delta, DK, DV, SP, BIAS, BH, BW, KEY_H, KEY_W,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, qk_scale, sm_scale,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k, stride_key_b,
+    H, N, GH, GW, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCORE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REL_POS: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -182,6 +196,9 @@ def _attn_bwd_dkdv_kernel(
     DV += off_b * stride_dvb + off_h * stride_dvh
     LSE += pid_bh.to(tl.int64) * N
     Delta += pid_bh.to(tl.int64) * N
+    if HAS_BIAS or HAS_REL_POS:
+        BIAS, BH, BW, KEY_H, KEY_W = bias_pointers(BIAS, BH, BW, KEY_H, KEY_W, off_b, off_h, H, N, GH, GW,
+                                                   stride_bias_b, stride_bias_h, stride_key_b)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -204,7 +221,11 @@ def _attn_bwd_dkdv_kernel(
 
         # Transposed tiles: [BLOCK_N (keys), BLOCK_M (queries)].
         qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
-        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
+        sT = qkT * qk_scale
+        if HAS_BIAS or HAS_REL_POS:
+            sT += bias_tile(BIAS, BH, BW, KEY_H, KEY_W, rows, offs_n, mask_m, mask_n, stride_bias_q, stride_bias_k,
+                            GH, GW, HAS_BIAS, HAS_REL_POS, True)
+        pT = tl.exp2(sT - lse2[None, :])
         pT = tl.where(mask_n[:, None] & mask_m[None, :], pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)   # dPᵀ = V dOᵀ
@@ -225,15 +246,17 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ,
+    Q, K, V, DO, LSE, Delta, DQ, BIAS, BH, BW, KEY_H, KEY_W, D_BIAS, D_BH, D_BW,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, qk_scale, sm_scale,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k, stride_key_b,
+    H, N, GH, GW, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REL_POS: tl.constexpr, STORE_D_BIAS: tl.constexpr, REL_POS_GRAD: tl.constexpr,
+    GH_PAD: tl.constexpr, GW_PAD: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -246,6 +269,16 @@ def _attn_bwd_dq_kernel(
     DQ += off_b * stride_dqb + off_h * stride_dqh
     LSE += pid_bh.to(tl.int64) * N
     Delta += pid_bh.to(tl.int64) * N
+    if HAS_BIAS or HAS_REL_POS:
+        BIAS, BH, BW, KEY_H, KEY_W = bias_pointers(BIAS, BH, BW, KEY_H, KEY_W, off_b, off_h, H, N, GH, GW,
+                                                   stride_bias_b, stride_bias_h, stride_key_b)
+    if STORE_D_BIAS:
+        D_BIAS += pid_bh.to(tl.int64) * N * N      # fp32 (B, H, N, N), contiguous
+    if REL_POS_GRAD:
+        D_BH += pid_bh.to(tl.int64) * N * GH       # fp32 (B, H, N, G) tables, contiguous
+        D_BW += pid_bh.to(tl.int64) * N * GW
+        d_bh = tl.zeros([BLOCK_M, GH_PAD], dtype=tl.float32)
+        d_bw = tl.zeros([BLOCK_M, GW_PAD], dtype=tl.float32)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -264,13 +297,27 @@ def _attn_bwd_dq_kernel(
         k = _load_rows(K, cols, mask_n, stride_kn, stride_kd, offs_d, UPCAST)
         v = _load_rows(V, cols, mask_n, stride_vn, stride_vd, offs_d, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        s = qk * qk_scale
+        if HAS_BIAS or HAS_REL_POS:
+            s += bias_tile(BIAS, BH, BW, KEY_H, KEY_W, offs_m, cols, mask_m, mask_n, stride_bias_q, stride_bias_k,
+                           GH, GW, HAS_BIAS, HAS_REL_POS, False)
+        p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        if STORE_D_BIAS:  # d bias = dS (natural-log units), reduced over broadcast dims by the launcher's caller
+            tl.store(D_BIAS + offs_m[:, None] * N + cols[None, :], ds, mask=mask_m[:, None] & mask_n[None, :])
+        if REL_POS_GRAD:
+            # d bias_h = dS · onehot(key_h): padding keys add 0 (not 0 · NaN where dS is not finite there).
+            ds_keys = tl.where(mask_n[None, :], ds, 0.0).to(k.dtype)
+            d_bh += tl.dot(ds_keys, one_hot(KEY_H, cols, mask_n, GH_PAD).to(k.dtype), input_precision=INPUT_PRECISION)
+            d_bw += tl.dot(ds_keys, one_hot(KEY_W, cols, mask_n, GW_PAD).to(k.dtype), input_precision=INPUT_PRECISION)
 
     _store_rows(DQ, offs_m, mask_m, stride_dqn, stride_dqd, offs_d, dq * sm_scale, UPCAST)
+    if REL_POS_GRAD:
+        store_table(D_BH, GH, offs_m, mask_m, d_bh, GH_PAD)
+        store_table(D_BW, GW, offs_m, mask_m, d_bw, GW_PAD)
 
 
 # ------------------------------------------------------------------------------------------- autotune
@@ -292,11 +339,13 @@ if _INTERPRET:
     _BLOCK_KW = {"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_BLOCK}
     _BLOCK_KW_LARGE = _INTERPRET_LARGE
 else:
-    # Tuned per (sequence length, head dim); the autotuner adds the tensors' dtypes to the key. Every
+    # Tuned per (sequence length, head dim, bias kind); the autotuner adds the tensors' dtypes to the key. Every
     # kernel only stores (never accumulates into) its outputs, so the autotuner's repeated runs are harmless.
-    _fwd_launch = triton.autotune(configs=FWD_CONFIGS, key=["N", "HEAD_DIM"])(_attn_fwd_kernel)
-    _dkdv_launch = triton.autotune(configs=DKDV_CONFIGS, key=["N", "HEAD_DIM"])(_attn_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(configs=DQ_CONFIGS, key=["N", "HEAD_DIM"])(_attn_bwd_dq_kernel)
+    _KEY = ["N", "HEAD_DIM", "HAS_BIAS", "HAS_REL_POS"]
+    _fwd_launch = triton.autotune(configs=FWD_CONFIGS, key=_KEY)(_attn_fwd_kernel)
+    _dkdv_launch = triton.autotune(configs=DKDV_CONFIGS, key=_KEY)(_attn_bwd_dkdv_kernel)
+    _dq_launch = triton.autotune(configs=DQ_CONFIGS, key=_KEY + ["STORE_D_BIAS", "REL_POS_GRAD", "GH_PAD",
+                                                                 "GW_PAD"])(_attn_bwd_dq_kernel)
     _BLOCK_KW = _BLOCK_KW_LARGE = {}
 
 _PRE_BLOCK = 64
@@ -322,38 +371,53 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 # ------------------------------------------------------------------------------------------ launchers
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (B,H,N,D) contiguous, lse (B,H,N) fp32, natural log of Σ_k exp(q·k·scale)).
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  bias: Optional[torch.Tensor] = None, bias_h: Optional[torch.Tensor] = None,
+                  bias_w: Optional[torch.Tensor] = None, key_h: Optional[torch.Tensor] = None,
+                  key_w: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B,H,N,D) contiguous, lse (B,H,N) fp32, natural log of Σ_k exp(S), S = q·k·scale + bias).
 
-    Trusts its caller (``pm_kernels.attention``): dtype and head dim are ones the kernels support.
+    Trusts its caller (``pm_kernels.attention``): dtype and head dim are ones the kernels support, the bias
+    arguments as ``pm_kernels.attention`` documents them.
     """
     B, H, N, D = q.shape
     out = _new_buffer((B, H, N, D), q.dtype, q.device)
     lse = _new_buffer((B, H, N), torch.float32, q.device)
     if B * H * N == 0:
         return out, lse
+    extra = bias_args(q, bias, bias_h, bias_w, key_h, key_w)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     with _device_guard(q):
         _fwd_launch[grid](
-            q, k, v, out, lse,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, N, float(scale) * _LOG2E,
-            HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=_input_precision(q.dtype), **_block_kw(N),
+            q, k, v, out, lse, *extra.pointers,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *extra.strides,
+            H, N, *extra.sizes, float(scale) * _LOG2E,
+            HEAD_DIM=D, **extra.flags, UPCAST=_INTERPRET, INPUT_PRECISION=_input_precision(q.dtype),
+            **_block_kw(N),
         )
     return out, lse
 
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  out: torch.Tensor, lse: torch.Tensor, scale: float,
-                  score: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each contiguous (B,H,N,D); adds Σ_{b,h,q} P⊙dP per key into ``score`` if given."""
+                  out: torch.Tensor, lse: torch.Tensor, scale: float, score: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, bias_h: Optional[torch.Tensor] = None,
+                  bias_w: Optional[torch.Tensor] = None, key_h: Optional[torch.Tensor] = None,
+                  key_w: Optional[torch.Tensor] = None, bias_grad: bool = False, rel_pos_grad: bool = False):
+    """(dq, dk, dv, d_logits, d_bias_h, d_bias_w): dq, dk, dv contiguous (B,H,N,D); with ``bias_grad`` d_logits =
+    dS, fp32 (B,H,N,N) (the gradient of ``bias`` before the sum over its broadcast dims), else None; with
+    ``rel_pos_grad`` the fp32 (B,H,N,G) gradients of bias_h and bias_w, else None. Adds Σ_{b,h,q} P⊙dP per key
+    into ``score`` if given."""
     B, H, N, D = q.shape
     dq = _new_buffer((B, H, N, D), q.dtype, q.device)
     dk = _new_buffer((B, H, N, D), k.dtype, k.device)
     dv = _new_buffer((B, H, N, D), v.dtype, v.device)
+    extra = bias_args(q, bias, bias_h, bias_w, key_h, key_w)
+    gh, gw = extra.sizes
+    d_logits = _new_buffer((B, H, N, N), torch.float32, q.device) if bias_grad else None
+    d_bh = _new_buffer((B, H, N, gh), torch.float32, q.device) if rel_pos_grad else None
+    d_bw = _new_buffer((B, H, N, gw), torch.float32, q.device) if rel_pos_grad else None
     if B * H * N == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return tuple(t if t is None else t.zero_() for t in (dq, dk, dv, d_logits, d_bh, d_bw))
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     lse = lse.contiguous()
@@ -369,18 +433,21 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         )
         grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
         _dkdv_launch[grid_n](
-            q, k, v, grad_out, lse, delta, dk, dv, partial,
+            q, k, v, grad_out, lse, delta, dk, dv, partial, *extra.pointers,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            H, N, float(scale) * _LOG2E, float(scale),
-            HEAD_DIM=D, HAS_SCORE=has_score, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_block_kw(N),
+            *extra.strides, H, N, *extra.sizes, float(scale) * _LOG2E, float(scale),
+            HEAD_DIM=D, HAS_SCORE=has_score, **extra.flags, UPCAST=_INTERPRET, INPUT_PRECISION=precision,
+            **_block_kw(N),
         )
         grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
         _dq_launch[grid_m](
-            q, k, v, grad_out, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            H, N, float(scale) * _LOG2E, float(scale),
-            HEAD_DIM=D, UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_block_kw(N),
+            q, k, v, grad_out, lse, delta, dq, *extra.pointers,
+            *(delta if t is None else t for t in (d_logits, d_bh, d_bw)),  # dummies where unused
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *extra.strides,
+            H, N, *extra.sizes, float(scale) * _LOG2E, float(scale),
+            HEAD_DIM=D, **extra.flags, STORE_D_BIAS=bias_grad, REL_POS_GRAD=rel_pos_grad, **extra.pads,
+            UPCAST=_INTERPRET, INPUT_PRECISION=precision, **_block_kw(N),
         )
     if has_score:
         score.add_(partial.sum(dim=0))  # deterministic reduction over (b, h)
-    return dq, dk, dv
+    return dq, dk, dv, d_logits, d_bh, d_bw

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import formulas
+from helpers import (assert_attention_close, attention_inputs, attention_score_tol, attention_tol, norm_rel_err,
+                     rel_err)
 from pm_kernels.attention import attention
 
 _backends = importlib.import_module("pm_kernels.dispatch")
@@ -21,40 +23,10 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton cannot run here
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAMES = ("out", "dq", "dk", "dv", "score")
-TF32 = CUDA and torch.backends.cuda.matmul.allow_tf32
-
-
-def _tol(dtype: torch.dtype) -> float:
-    """Norm-wise relative tolerance of out, dq, dk, dv."""
-    if dtype == torch.float64:
-        return 1e-10
-    if dtype == torch.float32:
-        return 5e-3 if TF32 else 1e-4
-    return 1e-2
-
-
-def _score_tol(dtype: torch.dtype) -> float:
-    """Max-norm relative tolerance of the score: it is accumulated in fp32 from fp32 P and fp32-accumulated dP
-    whatever the input dtype, and the formula runs on the same rounded inputs, so half inputs get no slack."""
-    return 5e-3 if (TF32 and dtype == torch.float32) else 1e-4
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| / max |b|: one wrong entry of a vector shows, however many right ones it has."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _inputs(B, H, N, D, dtype, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, N, D, generator=g) * scale for _ in range(4))
-    q, k, v = (t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v))
-    return q, k, v, do.to(DEVICE, dtype)
+    return attention_inputs(B, H, N, D, dtype, DEVICE, scale=scale, seed=seed)
 
 
 def _reference(q, k, v, do, scale=None):
@@ -70,16 +42,7 @@ def _run(q, k, v, do, backend, scale=None, with_score=True):
 
 
 def _assert_close(got, ref, dtype, names=NAMES):
-    """Each named result against the formula's. A missing result (a None gradient) fails: it is not skipped."""
-    assert len(got) == len(ref) == len(names)
-    for name, g, r in zip(names, got, ref):
-        assert g is not None, f"{name} is missing (None)"
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        if name == "score":
-            err, tol = _max_rel(g, r), _score_tol(dtype)
-        else:
-            err, tol = _rel(g, r), _tol(dtype)
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    assert_attention_close(got, ref, dtype, names)
 
 
 # ------------------------------------------------------------------------------------- accuracy
@@ -183,8 +146,8 @@ def _hook_score(q, k, v, do, scale):
 def test_score_matches_hook_formula(backend):
     q, k, v, do = _inputs(2, 2, 37, 32, torch.float32, seed=6)
     got = _run(q, k, v, do, backend, scale=0.2)
-    err = _max_rel(got[4], _hook_score(q, k, v, do, 0.2))
-    assert err <= _score_tol(torch.float32), err
+    err = rel_err(got[4], _hook_score(q, k, v, do, 0.2))
+    assert err <= attention_score_tol(torch.float32), err
     # The backward that produced the score produced the gradients too: all of them, and right.
     _assert_close(got, _reference(q, k, v, do, scale=0.2), torch.float32)
 
@@ -238,7 +201,7 @@ def test_timm_strided_views_no_copy(monkeypatch):
     _assert_close((out, score), (ref[0], ref[4]), torch.float32, names=("out", "score"))
     # Gradient w.r.t. the packed qkv activations, against the reference's dq, dk, dv packed the same way.
     packed = torch.stack(ref[1:4]).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)
-    assert _rel(x.grad, packed) <= _tol(torch.float32)
+    assert norm_rel_err(x.grad, packed) <= attention_tol(torch.float32)
 
 
 @needs_triton
@@ -274,9 +237,9 @@ def test_no_nan_with_huge_logits(backend, dtype):
     for name, t in zip(NAMES, got):
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
     ref = _reference(q, k, v, do, scale=1.0)
-    assert _rel(got[0], ref[0]) <= HUGE_TOL
-    assert _rel(got[3], ref[3]) <= HUGE_TOL
-    assert _max_rel(got[4], ref[4]) <= HUGE_TOL
+    assert norm_rel_err(got[0], ref[0]) <= HUGE_TOL
+    assert norm_rel_err(got[3], ref[3]) <= HUGE_TOL
+    assert rel_err(got[4], ref[4]) <= HUGE_TOL
     # dq and dk are compared in the test below: here the float64 softmax is one-hot to within e^-(logit gaps),
     # its dq, dk are ~0 and the kernels' are the rounding noise of the logits, with nothing to compare.
 
@@ -308,8 +271,8 @@ def test_huge_logits_gradients_match_reference(backend, dtype):
     # dq's shift channel is 256 · Σ_k dS[q, k] = 0 exactly (softmax rows sum to 1): only noise to compare there.
     for name, got, want in (("out", out, ref[0]), ("dq", dq[..., :-1], ref[1][..., :-1]), ("dk", dk, ref[2]),
                             ("dv", dv, ref[3])):
-        assert _rel(got, want) <= HUGE_TOL, f"{name}: relative error {_rel(got, want):.2e}"
-    assert _max_rel(score, ref[4]) <= HUGE_TOL, f"score: relative error {_max_rel(score, ref[4]):.2e}"
+        assert norm_rel_err(got, want) <= HUGE_TOL, f"{name}: relative error {norm_rel_err(got, want):.2e}"
+    assert rel_err(score, ref[4]) <= HUGE_TOL, f"score: relative error {rel_err(score, ref[4]):.2e}"
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -408,12 +371,12 @@ def test_torch_compile_fullgraph(backend, compile_backend):
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     score_c = torch.zeros(10, device=DEVICE)
     out_c = step(compiled, x, score_c)
-    tol = _tol(torch.float32)
-    assert _rel(out_c, out_eager) <= tol
+    tol = attention_tol(torch.float32)
+    assert norm_rel_err(out_c, out_eager) <= tol
     assert score_c.abs().sum() > 0, "score was not mutated by the compiled backward"
-    assert _rel(score_c, score_eager) <= tol
+    assert norm_rel_err(score_c, score_eager) <= tol
     for g_c, g_e in zip((p.grad for p in model.parameters()), grads_eager):
-        assert _rel(g_c, g_e) <= tol
+        assert norm_rel_err(g_c, g_e) <= tol
     torch._dynamo.reset()
 
 

@@ -141,7 +141,7 @@ def _attention_inputs(case: str):
         do = do.abs() + 0.1
     elif case == "dO_inf":           # a non-finite upstream gradient (padding keys add 0 to dQ)
         do[0, 0, 6, 1] = INF
-    else:
+    elif case != "none":
         raise ValueError(case)
     return (*(t.to(DEVICE).requires_grad_() for t in (q, k, v)), do.to(DEVICE))
 
@@ -182,3 +182,82 @@ def test_attention_rejects_scale(scale, backend):
     for score in (None, torch.zeros(4, device=DEVICE)):
         with pytest.raises(ValueError, match=r"^scale: expected a finite float > 0"):
             attention(q, q, q, scale=scale, score=score, backend=backend)
+
+
+# ------------------------------------------------------------------------------------- attention with a bias
+
+G_H, G_W = 5, 8
+
+
+def _biased_attention_inputs(case: str):
+    """q, k, v, dO as above (finite unless ``case`` says), a general bias (1, H, N, N) and a decomposed one (tables
+    (B, H, N, G_H | G_W), merged-token positions with repeats), one non-finite value planted by ``case``."""
+    q, k, v, do = (t.detach().cpu() for t in _attention_inputs("none"))
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(1, H, N, N, generator=g)
+    bias_h, bias_w = torch.randn(B, H, N, G_H, generator=g), torch.randn(B, H, N, G_W, generator=g)
+    key_h, key_w = torch.randint(0, G_H, (N,), generator=g), torch.randint(0, G_W, (N,), generator=g)
+    key_h[:3], key_w[:3] = torch.tensor([2, 2, 1]), torch.tensor([3, 0, 3])
+    if case == "bias_+inf":             # row 4 of head 0: P NaN at key 9 only, a NaN output row
+        bias[0, 0, 4, 9] = INF
+    elif case == "bias_-inf_mask":      # keys 10..19 masked for head 1: P = 0 there, everything finite
+        bias[0, 1, :, 10:20] = -INF
+    elif case == "bias_row_all_-inf":   # query 3 of head 0 sees no key: its row NaN (SDPA: 0)
+        bias[0, 0, 3, :] = -INF
+    elif case == "bias_nan":
+        bias[0, 1, 6, 2] = NAN
+    elif case == "bias_h_-inf":         # the keys at grid row 2 masked for every query of head 0
+        bias_h[0, 0, :, 2] = -INF
+    elif case == "bias_w_+inf":         # query 7 of head 1: P NaN at the keys of grid column 3
+        bias_w[0, 1, 7, 3] = INF
+    elif case == "bias_h_nan":          # query 5 of head 0: a NaN logit at the keys of grid row 1, a NaN row
+        bias_h[0, 0, 5, 1] = NAN
+    elif case == "v_inf":               # dS rows non-finite: d bias_h rows NaN (the one-hot product: 0 · inf)
+        v[0, 1, 9, 3] = INF
+        do = do.abs() + 0.1
+    elif case == "dO_inf":
+        do[0, 0, 6, 1] = INF
+    else:
+        raise ValueError(case)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v, bias, bias_h, bias_w)]
+    return leaves, key_h.to(DEVICE), key_w.to(DEVICE), do.to(DEVICE)
+
+
+BIAS_CASES = ["bias_+inf", "bias_-inf_mask", "bias_row_all_-inf", "bias_nan", "bias_h_-inf", "bias_w_+inf",
+              "bias_h_nan", "v_inf", "dO_inf"]
+
+
+@pytest.mark.parametrize("backend, with_score", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_attention_with_bias(case, backend, with_score):
+    (q, k, v, bias, bias_h, bias_w), key_h, key_w, do = _biased_attention_inputs(case)
+    score = torch.zeros(N, device=DEVICE) if with_score else None
+    out = attention(q, k, v, scale=SCALE, score=score, bias=bias, bias_h=bias_h, bias_w=bias_w, key_h=key_h,
+                    key_w=key_w, backend=backend)
+    out.backward(do)
+    want = formulas.biased_attention_ieee(q, k, v, do, SCALE, bias, bias_h, bias_w, key_h, key_w)
+    got = (out, q.grad, k.grad, v.grad, score, bias.grad, bias_h.grad, bias_w.grad)
+    names = ("out", "dq", "dk", "dv", "score", "d_bias", "d_bias_h", "d_bias_w")
+    # A bias that needs a gradient keeps the torch backend off SDPA (run_attention): no exception, even without a
+    # score, for a fully masked row.
+    for name, g, w in zip(names, got, want):
+        if name == "score" and not with_score:
+            continue
+        assert_same_ieee(name, g, w)
+
+
+@pytest.mark.parametrize("case", BIAS_CASES[:7])
+def test_attention_with_bias_inference_sdpa(case):
+    """The torch backend's inference path (no gradient: SDPA, the bias materialised as its attn_mask) forward."""
+    (q, k, v, bias, bias_h, bias_w), key_h, key_w, do = _biased_attention_inputs(case)
+    with torch.no_grad():
+        out = attention(q, k, v, scale=SCALE, bias=bias, bias_h=bias_h, bias_w=bias_w, key_h=key_h, key_w=key_w,
+                        backend="torch")
+    want = formulas.biased_attention_ieee(q, k, v, do, SCALE, bias, bias_h, bias_w, key_h, key_w)[0]
+    if case == "bias_row_all_-inf":
+        # SDPA's convention for a fully masked row (the documented exception): 0, not NaN; the other rows as defined.
+        assert torch.equal(out[0, 0, 3], torch.zeros_like(out[0, 0, 3])) and torch.isnan(want[0, 0, 3]).all()
+        rows = torch.ones(H, N, dtype=torch.bool)
+        rows[0, 3] = False
+        out, want = out[0][rows], want[0][rows]
+    assert_same_ieee("out", out, want)

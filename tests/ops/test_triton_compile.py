@@ -43,6 +43,19 @@ def test_every_kernel_is_covered(quick_rows):
                      "_reconstruct_merge_bwd_kernel"}
 
 
+def test_bias_branches_are_covered(quick_rows):
+    """The attention kernels' bias branches at SAM's shapes (tests/triton_aot.py, sam_launches): the decomposed
+    bias in the forward and dK/dV kernels, the dQ kernel with the window's (16) and the global grid's (64) table
+    gradients, and the general bias with its gradient."""
+    labels = [r["label"] for r in quick_rows]
+    for kernel, branch in (("_attn_fwd_kernel", "+rel_pos "), ("_attn_bwd_dkdv_kernel", "+rel_pos "),
+                           ("_attn_bwd_dq_kernel", "+rel_pos(d_tables G_PAD=16x16)"),
+                           ("_attn_bwd_dq_kernel", "+rel_pos(d_tables G_PAD=64x64)"),
+                           ("_attn_fwd_kernel", "+bias "), ("_attn_bwd_dkdv_kernel", "+bias "),
+                           ("_attn_bwd_dq_kernel", "+bias +d_bias ")):
+        assert any(label.startswith(kernel) and branch in label for label in labels), (kernel, branch)
+
+
 def test_compiles_for_sm90(quick_rows):
     errors = [f"{r['label']}: {r['error']}" for r in quick_rows if "error" in r]
     assert not errors, "\n".join(errors)
