@@ -23,31 +23,10 @@ from torch import nn
 
 from ._checks import check_rate
 from .hosts import host_of
+from .measure.macs import pm_macs
 from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
-
-
-def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = None) -> int:
-    """MACs of one image through a PM-compressed ViT of any supported host whose layer ``l`` works on
-    ``kept[l]`` tokens, merged from and reconstructed to all N tokens; a layer with ``kept[l]`` = N is the
-    identity (a plain layer). ``num_patches``: the patch count of the image size (default the model's)."""
-    host = host_of(model)
-    layers = host.layers(model)
-    if len(kept) != len(layers):
-        raise ValueError(f"kept: expected one token count per layer ({len(layers)}), got {len(kept)}")
-    h, w = host.grid(model)
-    n_patches = h * w if num_patches is None else int(num_patches)
-    n = n_patches + host.num_prefix(model)
-    c = host.embed_dim(model)
-    macs = host.embed_macs(model, n_patches)
-    for layer, k in zip(layers, kept):
-        k = int(k)
-        if not 0 < k <= n:
-            raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        macs += (k * host.layer_macs_per_token(layer) + 2 * k * k * host.attention_width(layer)
-                 + (2 * k * n * c if k < n else 0))
-    return macs + host.head_macs(model)
 
 
 @dataclass
