@@ -24,7 +24,7 @@ from .compress import compress
 from .structure import LayerStructure, build_merge_matrix, init_reconstruct, search_structure
 from .optimize import optimize
 from .segmenter import OptimizedSegmenter, Segmenter, pixel_cross_entropy, pixel_distillation, sliding_window
-from .deploy import export
+from .deploy import ExportedFileError, export, load_exported
 from .token_ops import merge, reconstruct, reconstruct_merge
 
 from ._version import __version__  # set there only: pyproject.toml reads the same line
@@ -48,9 +48,9 @@ sys.modules.setdefault(__name__ + ".patch", _patch_module)
 
 __all__ = [
     "attention", "backends", "budget_keep_rate", "build_merge_matrix", "calibrate", "compress", "export",
-    "fused_block", "host_of", "init_reconstruct", "install_structure", "is_patched", "LayerStructure", "merge",
-    "optimize", "OptimizedPM", "OptimizedSegmenter", "patch", "patch_timm", "pixel_cross_entropy",
-    "pixel_distillation", "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock",
+    "ExportedFileError", "fused_block", "host_of", "init_reconstruct", "install_structure", "is_patched",
+    "LayerStructure", "load_exported", "merge", "optimize", "OptimizedPM", "OptimizedSegmenter", "patch",
+    "patch_timm", "pixel_cross_entropy", "pixel_distillation", "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock",
     "PMVisionTransformer", "reconstruct", "reconstruct_merge", "search_structure", "Segmenter", "set_backend",
     "sliding_window",
 ]

@@ -19,6 +19,7 @@ atomically (nothing half-way) and locked against a second run writing them at th
 """
 import argparse
 import math
+import os
 import re
 import signal
 import sys
@@ -174,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX file or torch.export program (.pt2) of a PM checkpoint, folded")
     _common(p, data=False)
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    from .deploy import FORMATS
+    from .deploy import FORMATS, MAX_OPSET, MIN_OPSET
     p.add_argument("--format", choices=FORMATS, help="default: from the --out extension")
     p.add_argument("--batch-size", type=_positive(), default=1, help="batch of the example and of --verify")
     p.add_argument("--static-batch", action="store_true", help="the file takes only --batch-size images")
-    p.add_argument("--opset", type=_positive(), help="ONNX opset (>= 18; default: the exporter's)")
+    p.add_argument("--opset", type=_number(int, MIN_OPSET, MAX_OPSET),
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the exporter's)")
     p.add_argument("--verify", action="store_true",
                    help="run the file (ONNX Runtime / torch.export.load), print max |difference| to PyTorch")
 
@@ -252,15 +254,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warnings_as_lines(f"pm-kernels {args.command}")
+            from .pipeline.outputs import claim_command_output
             from .pipeline.tasks import TASKS, refuse_options
             refuse_options(args, TASKS[args.task], tuple(TASKS.values()))
-            if args.command == "export":
-                from .pipeline.export_cmd import cmd_export as run
-            else:
-                from .pipeline import commands
-                run = getattr(commands, "cmd_" + args.command)  # written once, for every task
-            device = _setup(args)
-            run(args, device)
+            # The output first: a second run on it is refused before this one reads an input or builds a model.
+            # Under torchrun only rank 0 writes and locks; the other ranks check the paths.
+            rank0 = os.environ.get("RANK", "0") in ("", "0")
+            with claim_command_output(args, TASKS[args.task].demo_folder, lock=rank0):
+                if args.command == "export":
+                    from .pipeline.export_cmd import cmd_export as run
+                else:
+                    from .pipeline import commands
+                    run = getattr(commands, "cmd_" + args.command)  # written once, for every task
+                device = _setup(args)
+                run(args, device)
     except PipelineError as err:
         sys.stderr.write(f"pm-kernels {args.command}: error: {_one_line(err)}\n")
         raise SystemExit(2) from None

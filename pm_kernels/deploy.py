@@ -9,29 +9,41 @@ ONNX), merge and reconstruct plain matmuls. The file holds no ``pm_kernels`` op,
     pm_kernels.export(model, "pm.pt2", format="pt2")         # torch.export.save
     run = load_exported("pm.onnx"); logits = run(images)     # ONNX Runtime (CPU) or the .pt2 program
 
+``load_exported`` runs no code from the file: a ``.pt2`` is read by ``safe_pt2`` (not ``torch.export.load``,
+which unpickles and evaluates parts of the archive), an ``.onnx`` file is checked (standard operators only,
+external data beside it) before ONNX Runtime opens it. A bad file raises ``ExportedFileError``.
+
 (This module is ``pm_kernels.deploy``, not ``pm_kernels.export``: the function ``export`` would shadow it.)
 """
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._files import write_into
 from .hosts import resolve
 from .hosts.base import resolve_task
 from .optimize import optimize
 from .pm_model import is_patched
 
-__all__ = ["export", "load_exported", "FORMATS"]
+__all__ = ["export", "load_exported", "ExportedFileError", "FORMATS", "MIN_OPSET", "MAX_OPSET"]
 
 FORMATS = ("onnx", "pt2")
 MIN_OPSET = 18  # the dynamo exporter's lowest native opset; older ones go through a lossy version converter
+# torch.onnx's ONNX_MAX_OPSET. Above it the exporter cannot convert its graph (opset-23 Attention nodes) and falls
+# back, silently, to a file declaring opset 18 that ONNX Runtime refuses. tests/model/test_export.py exports at
+# both ends and runs the files.
+MAX_OPSET = 23
 _INSTALL = "pip install pm_kernels[export]  (or: pip install onnx onnxscript onnxruntime)"
 # Above this many bytes of weights an ONNX protobuf cannot hold them: they go to a ``<file>.data`` side file.
 _ONNX_INLINE_LIMIT = 1_800_000_000
+
+
+class ExportedFileError(ValueError):
+    """An exported file that ``load_exported`` cannot or will not run: missing, a folder, not an ``.onnx`` /
+    ``.pt2`` file, corrupt, or holding what could run code (pickled objects, custom operators, outside files)."""
 
 
 def _require(packages: Sequence[str], what: str) -> None:
@@ -121,21 +133,20 @@ def _traceable(pm: torch.nn.Module):
             m.training = training
 
 
-def _write_into(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_file)`` in a temp folder beside ``path``, then move its file(s) into place (nothing half-way).
-
-    The ONNX exporter names an external-data side file after the file it writes: writing under the final
-    basename keeps that reference valid after the move.
-    """
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".pm_export.", dir=folder)
+def _check_opset(path: str, opset: Optional[int]) -> None:
+    """The written file declares the opset asked for and passes the ONNX checker (an exporter that cannot convert
+    its graph to an opset writes another one, silently)."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    declared = {entry.domain: entry.version for entry in model.opset_import}.get("", None)
+    if opset is not None and declared != opset:
+        raise ValueError(f"opset: the exporter wrote opset {declared} instead of {opset}; use an opset in "
+                         f"[{MIN_OPSET}, {MAX_OPSET}]")
     try:
-        write(os.path.join(tmp, os.path.basename(path)))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as err:
+        raise ValueError(f"opset: the exported file is not valid ONNX at opset {declared} "
+                         f"({(str(err).strip().splitlines() or [''])[0][:160]})") from None
 
 
 def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx", example_inputs=None,
@@ -149,7 +160,8 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
     format: "onnx" (``torch.onnx.export(dynamo=True)``; needs onnx + onnxscript) or "pt2" (``torch.export``
     program, ``torch.export.save``). example_inputs: an images tensor (B, C, H, W) to trace with (default: random
     at the model's size, dtype and device). dynamic_batch: the file accepts any batch size (default), else only
-    the example's. opset: ONNX opset (>= 18; default: the exporter's).
+    the example's. opset: ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET`` (18 to 23; default: the exporter's); the
+    written file is checked to declare it and to pass the ONNX checker.
     """
     if not isinstance(format, str) or format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -165,8 +177,9 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
             raise ValueError(f"opset: only for format='onnx', got opset={opset!r} with format={format!r}")
         if isinstance(opset, bool) or not isinstance(opset, int):
             raise TypeError(f"opset: expected an int or None, got {type(opset).__name__}")
-        if opset < MIN_OPSET:
-            raise ValueError(f"opset: expected >= {MIN_OPSET} (the dynamo exporter's lowest), got {opset}")
+        if not MIN_OPSET <= opset <= MAX_OPSET:
+            raise ValueError(f"opset: expected {MIN_OPSET} <= opset <= {MAX_OPSET} (the opsets the exporter writes "
+                             f"and ONNX Runtime runs), got {opset}")
     pm, dtype = _pm_model_and_dtype(model)
     if format == "onnx":
         _require(("onnx", "onnxscript"), "export(format='onnx')")
@@ -178,7 +191,8 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
         folded = _Exported(optimize(pm, backend="torch", dtype=dtype), host if backbone is pm else None).eval()
         if format == "pt2":
             program = torch.export.export(folded, (x,), dynamic_shapes=dynamic_shapes)
-            _write_into(path, lambda tmp: torch.export.save(program, tmp))
+            program.example_inputs = None  # a pickle in the archive otherwise (load_exported never reads it)
+            write_into(path, lambda tmp: torch.export.save(program, tmp))
         else:
             big = sum(t.numel() * t.element_size() for t in folded.state_dict().values()) > _ONNX_INLINE_LIMIT
 
@@ -186,39 +200,106 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
                 torch.onnx.export(folded, (x,), tmp, dynamo=True, dynamic_shapes=dynamic_shapes,
                                   opset_version=opset, input_names=["images"], output_names=["logits"],
                                   external_data=big, verbose=False)
-            _write_into(path, write)
+                _check_opset(tmp, opset)
+            write_into(path, write)
     return path
 
 
 def load_exported(path: Union[str, "os.PathLike[str]"], threads: Optional[int] = None,
-                  session_config: Optional[Dict[str, str]] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images → logits running an exported file: ``.onnx`` in ONNX Runtime (CPU), ``.pt2`` through
-    ``torch.export.load``. ``threads``: ONNX Runtime intra-op threads (default: its own choice);
+                  session_config: Optional[Dict[str, str]] = None) -> Callable[[torch.Tensor], Any]:
+    """A function images → logits running an exported file: ``.onnx`` in ONNX Runtime (CPU), ``.pt2`` by
+    ``safe_pt2`` (its graph run op by op; ``torch.export.load`` is not used: it would unpickle parts of the file).
+    No code from the file runs; a file that is missing, corrupt, or holds anything that could run code raises
+    ``ExportedFileError``. ``threads``: ONNX Runtime intra-op threads (default: its own choice);
     ``session_config``: ONNX Runtime session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``
-    (idle threads sleep: the process's CPU time is then the work done, as ``bench/compare_ort.py`` times it)."""
+    (idle threads sleep: the process's CPU time is then the work done, as ``bench/compare_ort.py`` times it).
+    The function checks the images' shape (and dtype) against the file's input: ``ValueError`` / ``TypeError``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    if os.path.isdir(path):
+        raise ExportedFileError(f"{path}: is a folder, expected an .onnx or .pt2 file")
     if not os.path.isfile(path):
-        raise ValueError(f"path: no such file {path!r}")
+        raise ExportedFileError(f"{path}: no such file")
     if path.endswith(".pt2"):
-        program = torch.export.load(path).module()
-
-        def run_program(images: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return program(images)
-        return run_program
+        from .safe_pt2 import load_pt2
+        return load_pt2(path, ExportedFileError)
     if not path.endswith(".onnx"):
-        raise ValueError(f"path: expected a .onnx or .pt2 file, got {path!r}")
-    _require(("onnxruntime",), "running an .onnx file")
+        raise ExportedFileError(f"{path}: expected an .onnx or .pt2 file")
+    _require(("onnx", "onnxruntime"), "running an .onnx file")
     import onnxruntime
 
+    _check_onnx(path)
     options = onnxruntime.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     for key, value in (session_config or {}).items():
         options.add_session_config_entry(key, value)
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    try:
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own error types (Fail, InvalidGraph, NoSuchFile, ...)
+        raise ExportedFileError(f"{path}: ONNX Runtime cannot run it ({_first_line(err)})") from None
+    spec = session.get_inputs()[0]
+    sizes = [d if isinstance(d, int) else None for d in spec.shape]
+    dtype = _ORT_TYPES.get(spec.type)
 
     def run_onnx(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: images.detach().cpu().numpy()})[0])
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images: expected a tensor, got {type(images).__name__}")
+        if images.dim() != len(sizes) or any(s is not None and s != d for s, d in zip(sizes, images.shape)):
+            want = ", ".join("B" if s is None else str(s) for s in sizes)
+            raise ValueError(f"images: expected shape ({want}), got {tuple(images.shape)}")
+        if dtype is not None and images.dtype != dtype:
+            raise TypeError(f"images: expected {dtype}, got {images.dtype}")
+        return torch.from_numpy(session.run(None, {spec.name: images.detach().cpu().numpy()})[0])
     return run_onnx
+
+
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16}
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_onnx(path: str) -> None:
+    """Refuse what would make ONNX Runtime reach beyond the file: an operator outside the standard domain (a
+    custom op library) and external data outside the file's folder (``location`` with a path in it)."""
+    import onnx
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, onnx's own: a corrupt or foreign file
+        raise ExportedFileError(f"{path}: not an ONNX model ({_first_line(err)})") from None
+    local = {(f.domain, f.name) for f in model.functions}
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def tensor(t) -> None:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return
+        location = {e.key: e.value for e in t.external_data}.get("location", "")
+        if (not location or location in (".", "..") or os.path.basename(location) != location
+                or "/" in location or "\\" in location):
+            raise ExportedFileError(f"{path}: tensor {t.name[:60]!r} reads external data {location[:80]!r}, "
+                                    "outside the file's folder")
+        if not os.path.isfile(os.path.join(folder, location)):
+            raise ExportedFileError(f"{path}: its external data file {location!r} is missing")
+
+    def graph(g) -> None:
+        for t in getattr(g, "initializer", ()):  # a FunctionProto has none
+            tensor(t)
+        for node in g.node:
+            if node.domain not in _ONNX_DOMAINS and (node.domain, node.op_type) not in local:
+                raise ExportedFileError(f"{path}: operator {node.domain}::{node.op_type} is not a standard ONNX "
+                                        "operator")
+            for attr in node.attribute:
+                for t in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors):
+                    tensor(t)
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    graph(sub)
+
+    graph(model.graph)
+    for function in model.functions:
+        graph(function)

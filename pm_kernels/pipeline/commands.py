@@ -1,9 +1,10 @@
 """The ``pm-kernels`` subcommands, written once for every task (argument parsing lives in ``pm_kernels.cli``).
 
 ``args.task`` names the task (``tasks.TASKS``); what differs between tasks (data, model, loss, metrics, pictures,
-compress defaults) is the task's, everything else is here. Each command reads and checks its inputs, then claims
-its output (``outputs.claim_output``: path checks and a lock held for the run) before the long work, and writes
-atomically (``io.atomic_write``); under torchrun only rank 0 writes, and an error path enters no collective.
+compress defaults) is the task's, everything else is here. ``pm_kernels.cli`` claims each command's output
+before calling it (``outputs.claim_command_output``: path checks and a lock held for the run, taken before any
+input is read); a command writes atomically (``io.atomic_write``); under torchrun only rank 0 writes, and an
+error path enters no collective.
 """
 import contextlib
 import os
@@ -15,17 +16,12 @@ import torch
 
 from . import host
 from .data import cycle_batches, make_loader
-from .io import PipelineError, load_scores, save_checkpoint, save_json, save_scores
-from .outputs import claim_output, companion_json
+from .io import PipelineError, load_scores, remove_record, save_checkpoint, save_json, save_scores
+from .outputs import companion_json
 from .tasks import get_task
 
 __all__ = ["cmd_train", "cmd_calibrate", "cmd_compress", "cmd_finetune", "cmd_evaluate", "cmd_visualize",
            "cmd_demo", "load_for", "model_and_data"]
-
-
-def _claim(args, *inputs, lock: bool = True):
-    """Check ``--out`` and its results JSON against each other and the inputs, and lock it for this run."""
-    return claim_output(args.out, companions=[companion_json(args.out)], inputs=inputs, lock=lock)
 
 
 def _args_dict(args) -> Dict[str, object]:
@@ -98,19 +94,19 @@ def _run_training(args, device, distill: bool) -> None:
         elif args.alpha != 0:
             raise PipelineError("finetune: give --teacher (the dense checkpoint) or --alpha 0 for no distillation")
     cfg = _train_config(args, task, data, distill)
-    # Only rank 0 writes: it alone holds the output's lock; every rank checks the path before training.
-    with _claim(args, args.checkpoint, getattr(args, "teacher", None), lock=info["rank"] == 0):
-        t = time.perf_counter()
-        hist = _train_ranks(model, data, cfg, teacher, device, info, base_loss=task.loss(model))
-        elapsed = time.perf_counter() - t
-        if info["rank"] == 0:
-            metrics = task.metrics(model, task.eval_loader(data, args.batch_size), device, progress=not args.quiet)
-            stage = "finetuned" if (distill or host.is_compressed(model)) else "dense"
-            save_checkpoint(model, args.out, dict(meta, stage=stage, data=args.data, train=hist))
-            save_json({"command": args.command, "task": task.name, "args": _args_dict(args), **metrics,
-                       "train_s": elapsed, "world_size": info["world_size"], "history": hist},
-                      companion_json(args.out))
-            _log(args, f"{task.summary(metrics, len(data.test))}; wrote {args.out}")
+    # Only rank 0 writes: it alone holds the output's lock (pm_kernels.cli); every rank checked the path.
+    t = time.perf_counter()
+    hist = _train_ranks(model, data, cfg, teacher, device, info, base_loss=task.loss(model))
+    elapsed = time.perf_counter() - t
+    if info["rank"] == 0:
+        metrics = task.metrics(model, task.eval_loader(data, args.batch_size), device, progress=not args.quiet)
+        stage = "finetuned" if (distill or host.is_compressed(model)) else "dense"
+        remove_record(companion_json(args.out))
+        save_checkpoint(model, args.out, dict(meta, stage=stage, data=args.data, train=hist))
+        save_json({"command": args.command, "task": task.name, "args": _args_dict(args), **metrics,
+                   "train_s": elapsed, "world_size": info["world_size"], "history": hist},
+                  companion_json(args.out))
+        _log(args, f"{task.summary(metrics, len(data.test))}; wrote {args.out}")
     # Reached only on success. An error path enters no collective (no barrier): the other ranks may be inside
     # one, waiting for this rank, and would never join; exiting is what brings the job down (torchrun stops
     # the other ranks when one fails, and a rank waiting on a dead peer fails at once or at the timeout).
@@ -165,20 +161,20 @@ def cmd_calibrate(args, device) -> None:
     task = get_task(args.task)
     model, meta, data = model_and_data(args, args.checkpoint)
     _refuse_compressed(model, args.checkpoint, "calibrate")
-    with _claim(args, args.checkpoint):
-        model.to(device)
-        loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
-        batches = tqdm(cycle_batches(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet,
-                       leave=False)
-        t = time.perf_counter()
-        with library_errors("calibrate"):
-            scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))
-        info = dict(task=task.name, model=meta["model"], model_kwargs=meta["model_kwargs"],
-                    depth=len(host.layers(model)), num_patches=host.num_patches(model), iters=args.iters,
-                    batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
-        save_scores(scores, args.out, info)
-        save_json({"command": "calibrate", "task": task.name, "args": _args_dict(args), "shape": list(scores.shape),
-                   "seconds": time.perf_counter() - t}, companion_json(args.out))
+    model.to(device)
+    loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
+    batches = tqdm(cycle_batches(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet,
+                   leave=False)
+    t = time.perf_counter()
+    with library_errors("calibrate"):
+        scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))
+    info = dict(task=task.name, model=meta["model"], model_kwargs=meta["model_kwargs"],
+                depth=len(host.layers(model)), num_patches=host.num_patches(model), iters=args.iters,
+                batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
+    remove_record(companion_json(args.out))
+    save_scores(scores, args.out, info)
+    save_json({"command": "calibrate", "task": task.name, "args": _args_dict(args), "shape": list(scores.shape),
+               "seconds": time.perf_counter() - t}, companion_json(args.out))
     _log(args, f"scores {tuple(scores.shape)} from {args.iters} batches; wrote {args.out}")
 
 
@@ -191,15 +187,15 @@ def cmd_compress(args, device) -> None:
     scores = load_scores(args.scores)["scores"]
     model, meta = load_for(args, args.checkpoint)
     _refuse_compressed(model, args.checkpoint, "compress")
-    with _claim(args, args.checkpoint, args.scores):
-        with library_errors("compress"):  # rates, their sum, the scores' shape against the model, the layers
-            compress(model, scores, keep_rate=args.keep_rate, prune_rate=prune, **options)
-        n, ks, pruned = host.num_tokens(model), host.kept_tokens(model), host.pruned_tokens(model)
-        save_checkpoint(model, args.out, dict(meta, stage="compressed", keep_rate=args.keep_rate, prune_rate=prune,
-                                              scores=args.scores, K=ks, **options))
-        save_json({"command": "compress", "task": task.name, "args": _args_dict(args), "K": ks, "N": n,
-                   "pruned": pruned, "prune_rate": prune, **options, "mean_keep": sum(ks) / (len(ks) * n)},
-                  companion_json(args.out))
+    with library_errors("compress"):  # rates, their sum, the scores' shape against the model, the layers
+        compress(model, scores, keep_rate=args.keep_rate, prune_rate=prune, **options)
+    n, ks, pruned = host.num_tokens(model), host.kept_tokens(model), host.pruned_tokens(model)
+    remove_record(companion_json(args.out))
+    save_checkpoint(model, args.out, dict(meta, stage="compressed", keep_rate=args.keep_rate, prune_rate=prune,
+                                          scores=args.scores, K=ks, **options))
+    save_json({"command": "compress", "task": task.name, "args": _args_dict(args), "K": ks, "N": n,
+               "pruned": pruned, "prune_rate": prune, **options, "mean_keep": sum(ks) / (len(ks) * n)},
+              companion_json(args.out))
     _log(args, f"K per block {ks} of N={n} (mean {sum(ks) / (len(ks) * n):.3f}, {options['thresholds']} thresholds); "
                f"pruned {pruned}; wrote {args.out}")
 
@@ -223,18 +219,18 @@ def cmd_evaluate(args, device) -> None:
         models[name] = model
         keep = 1.0 if name == "dense" else meta.get("keep_rate")
         extra[name] = {"checkpoint": path, **({"keep_rate": keep} if keep is not None else {})}
-    with claim_output(args.out_dir, is_dir=True, inputs=paths):
-        rows = evaluate_models(task, models, data, device=device, batch_size=args.batch_size, repeats=args.repeats,
-                               workers=args.workers, progress=not args.quiet,
-                               metric_options=task.evaluate_options(args))
-        for r in rows:
-            r.update(extra[r["model"]])
-        table = format_table(task, rows)
-        print(table)
-        plot = plot_accuracy_vs_keep(task, rows, os.path.join(args.out_dir, "accuracy_vs_keep.png"))
-        save_json({"command": "evaluate", "task": task.name, "args": _args_dict(args), "device": str(device),
-                   "threads": torch.get_num_threads(), "rows": rows, "table": table, "plot": plot},
-                  os.path.join(args.out_dir, "results.json"))
+    rows = evaluate_models(task, models, data, device=device, batch_size=args.batch_size, repeats=args.repeats,
+                           workers=args.workers, progress=not args.quiet,
+                           metric_options=task.evaluate_options(args))
+    for r in rows:
+        r.update(extra[r["model"]])
+    table = format_table(task, rows)
+    print(table)
+    remove_record(os.path.join(args.out_dir, "results.json"))
+    plot = plot_accuracy_vs_keep(task, rows, os.path.join(args.out_dir, "accuracy_vs_keep.png"))
+    save_json({"command": "evaluate", "task": task.name, "args": _args_dict(args), "device": str(device),
+               "threads": torch.get_num_threads(), "rows": rows, "table": table, "plot": plot},
+              os.path.join(args.out_dir, "results.json"))
     _log(args, f"wrote {args.out_dir}/results.json and {plot}")
 
 
@@ -244,16 +240,16 @@ def cmd_visualize(args, device) -> None:
     model, meta, data = model_and_data(args, args.checkpoint)
     if not 0 <= args.index < len(data.test):
         raise PipelineError(f"index {args.index}: expected 0 <= index < {len(data.test)} (test images)")
-    with _claim(args, args.checkpoint):
-        model = model.cpu().eval()
-        image, target = data.test[args.index]
-        size = host.img_size(model)
-        files = [render_structure(model, image[..., :size, :size], args.out, data.mean, data.std,
-                                  title=f"{meta.get('model')} keep {meta.get('keep_rate', 1.0)}: centres (dots), "
-                                        "merged (centre colour), pruned (black)")]
-        files += task.visualize_extra(model, image, target, args.out, data)
-        save_json({"command": "visualize", "task": task.name, "args": _args_dict(args), "files": files},
-                  companion_json(args.out))
+    model = model.cpu().eval()
+    image, target = data.test[args.index]
+    size = host.img_size(model)
+    remove_record(companion_json(args.out))
+    files = [render_structure(model, image[..., :size, :size], args.out, data.mean, data.std,
+                              title=f"{meta.get('model')} keep {meta.get('keep_rate', 1.0)}: centres (dots), "
+                                    "merged (centre colour), pruned (black)")]
+    files += task.visualize_extra(model, image, target, args.out, data)
+    save_json({"command": "visualize", "task": task.name, "args": _args_dict(args), "files": files},
+              companion_json(args.out))
     _log(args, f"wrote {', '.join(files)}")
 
 
@@ -263,5 +259,5 @@ def cmd_demo(args, device) -> None:
     cfg = task.demo_config(quick=args.quick, seed=args.seed)
     if args.keep_rates:
         cfg.keep_rates = tuple(args.keep_rates)
-    with claim_output(args.out or task.demo_folder, is_dir=True) as out:
-        run_demo(task, out, cfg, device=device, progress=not args.quiet, log=lambda m: print(m, flush=True))
+    run_demo(task, os.path.abspath(args.out or task.demo_folder), cfg, device=device, progress=not args.quiet,
+             log=lambda m: print(m, flush=True))

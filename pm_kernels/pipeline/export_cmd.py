@@ -3,18 +3,20 @@
     pm-kernels export --checkpoint pm.pth --out pm.onnx [--format onnx] [--batch-size N] [--verify]
     pm-kernels export --task segmentation --checkpoint seg.pth --out seg.onnx --verify
 
-The format defaults to the output's extension (.onnx / .pt2). ``--verify`` runs the written file (ONNX Runtime
-on the CPU, or ``torch.export.load``) on random images at ``--batch-size`` and, with a dynamic batch, at one more,
-prints the max abs difference to the PyTorch model, and fails (removing the file) above the tolerance.
+The format defaults to the output's extension (.onnx / .pt2). The file is written into a temp folder beside
+``--out`` and moved into place last. ``--verify`` runs it there first (``pm_kernels.load_exported``: ONNX Runtime
+on the CPU, or the .pt2 graph) on random images at ``--batch-size`` and, with a dynamic batch, at one more, prints
+the max abs difference to the PyTorch model, and fails above the tolerance: a previous file at ``--out`` (and its
+JSON) is then left as it was.
 """
 import os
 from typing import Dict
 
 import torch
 
+from .._files import write_into
 from . import host
-from .io import PipelineError, save_json
-from .outputs import claim_output
+from .io import PipelineError, remove_record, save_json
 
 __all__ = ["cmd_export", "FORMAT_BY_EXTENSION"]
 
@@ -44,8 +46,8 @@ def _verify(path: str, model, batch: int, dynamic: bool, seed: int) -> Dict[int,
     from ..deploy import load_exported
     try:
         run = load_exported(path)
-    except ImportError as err:
-        raise PipelineError(f"verify: {err}") from None
+    except (ImportError, ValueError) as err:
+        raise PipelineError(f"verify: {_first_line(err)}") from None
     ref = host.reference_parameter(model)
     shape = host.input_shape(model)
     diffs = {}
@@ -59,11 +61,8 @@ def _verify(path: str, model, batch: int, dynamic: bool, seed: int) -> Dict[int,
         print(f"verify: max abs difference to PyTorch at batch {b}: {diffs[b]:.3g} (tolerance {bound:.3g})",
               flush=True)
         if not diffs[b] <= bound:
-            for leftover in (path, path + ".data"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
             raise PipelineError(f"verify: the exported file differs from PyTorch by {diffs[b]:.3g} at batch {b} "
-                                f"(tolerance {bound:.3g}); removed {path}")
+                                f"(tolerance {bound:.3g}); nothing written")
     return diffs
 
 
@@ -71,10 +70,7 @@ def cmd_export(args, device) -> None:
     fmt = _format(args)
     if args.checkpoint is None and not args.model:
         raise PipelineError("checkpoint: give --checkpoint (or --model for a freshly initialised model)")
-    # The same output rules as the other commands: checked folder, a lock against a second writer, and neither
-    # the file nor its companions may be the checkpoint read.
-    with claim_output(args.out, companions=[args.out + ".json", args.out + ".data"], inputs=[args.checkpoint]):
-        _export(args, device, fmt)
+    _export(args, device, fmt)  # its output claimed by pm_kernels.cli, as every command's
 
 
 def _export(args, device, fmt: str) -> None:
@@ -86,17 +82,28 @@ def _export(args, device, fmt: str) -> None:
     example = torch.randn(args.batch_size, *host.input_shape(model),
                           generator=torch.Generator().manual_seed(args.seed)).to(device, ref.dtype)
     dynamic = not args.static_batch
+    record = args.out + ".json"
+    diffs = None
+
+    def write(tmp: str) -> None:  # in a temp folder beside --out: checked there, moved into place last
+        nonlocal diffs
+        try:
+            export(model, tmp, format=fmt, example_inputs=example, dynamic_batch=dynamic, opset=args.opset)
+        except (TypeError, ValueError, ImportError) as err:
+            raise PipelineError(f"export: {_first_line(err)}") from None
+        if args.verify:
+            diffs = _verify(tmp, model, args.batch_size, dynamic, args.seed)
+        remove_record(record)  # the old JSON must not outlive the file it describes
+
     try:
-        export(model, args.out, format=fmt, example_inputs=example, dynamic_batch=dynamic, opset=args.opset)
-    except (TypeError, ValueError, ImportError) as err:
-        raise PipelineError(f"export: {_first_line(err)}") from None
+        write_into(args.out, write)
+    except OSError as err:
+        raise PipelineError(f"output {args.out}: cannot write ({err.strerror or err})") from None
     size = sum(os.path.getsize(p) for p in (args.out, args.out + ".data") if os.path.exists(p))
     if not args.quiet:
         print(f"wrote {args.out} ({fmt}, {size / 2 ** 20:.1f} MiB, "
               f"{'any batch size' if dynamic else f'batch {args.batch_size} only'})", flush=True)
-    diffs = _verify(args.out, model, args.batch_size, dynamic, args.seed) if args.verify else None
     save_json({"command": "export", "task": args.task, "format": fmt, "out": os.path.abspath(args.out), "bytes": size,
                "model": meta.get("model"), "checkpoint": args.checkpoint, "dynamic_batch": dynamic,
                "batch_size": args.batch_size, "opset": args.opset,
-               "verify_max_abs_diff": {str(b): d for b, d in diffs.items()} if diffs else None},
-              args.out + ".json")
+               "verify_max_abs_diff": {str(b): d for b, d in diffs.items()} if diffs else None}, record)

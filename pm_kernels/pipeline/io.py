@@ -7,14 +7,15 @@ any error, SIGINT or SIGTERM; one left by SIGKILL is removed by the next write o
 """
 import json
 import os
-import re
 import stat
 import tempfile
 from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["PipelineError", "PipelineWarning", "atomic_write", "save_checkpoint", "load_checkpoint", "save_scores",
+from .._files import new_file_mode, remove_stale, stale_pattern
+
+__all__ = ["PipelineError", "PipelineWarning", "atomic_write", "check_output_file", "remove_record", "save_checkpoint", "load_checkpoint", "save_scores",
            "load_scores", "save_json", "checkpoint_state_dict"]
 
 FORMAT = "pm_kernels.pipeline/1"
@@ -28,57 +29,43 @@ class PipelineWarning(UserWarning):
     """Something the user should know that does not stop the run (printed as one ``warning:`` line by the CLI)."""
 
 
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _temp_prefix(path: str) -> str:
     return "." + os.path.basename(path) + "."
 
 
 def _remove_stale_temps(path: str) -> None:
-    """Remove temp files of ``path`` left by a writer that was killed (SIGKILL, power loss).
-
-    A temp file is named ``.<name>.<pid>.<random>.tmp``; it is stale when no process ``pid`` runs on this
-    machine. Temp files of a live writer (this one included) stay.
-    """
-    folder, prefix = os.path.dirname(path), _temp_prefix(path)
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[^.]+\.tmp$")
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        match = pattern.match(name)
-        if match is None or _process_alive(int(match.group(1))):
-            continue
-        try:
-            os.unlink(os.path.join(folder, name))
-        except OSError:
-            pass  # gone already, or not ours to remove: the write goes on
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process (or a name we cannot judge): leave its file
-    return True
+    """Remove temp files of ``path`` left by a writer that was killed (SIGKILL, power loss): a temp file is named
+    ``.<name>.<pid>.<random>.tmp`` and is stale when no process ``pid`` runs on this machine."""
+    remove_stale(os.path.dirname(path), stale_pattern(_temp_prefix(path), ".tmp"))
 
 
 def _os_error(path: str, err: OSError) -> PipelineError:
     return PipelineError(f"output {path}: cannot write ({err.strerror or err})")
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_output_file(path: str) -> None:
+    """An output is written by renaming a new file over its name, so it must be absent or a regular file: that
+    rename would replace a device node or a FIFO with a regular file, and a symbolic link with the file (the
+    file the link points to staying as it was). Anything else is refused."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent (a file in its path: the folder check says so)
+        return
+    except OSError as err:
+        raise PipelineError(f"output {path}: cannot be checked ({err.strerror or err})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PipelineError(f"output {path}: is a symbolic link (to {os.readlink(path)}); writing would replace the "
+                            "link, not the file it points to: give that file's own path")
+    if stat.S_ISDIR(st.st_mode):
+        raise PipelineError(f"output {path}: is a folder, expected a file name")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((f"{name}, not a regular file" for test, name in _KINDS if test(st.st_mode)),
+                    "not a regular file")
+        raise PipelineError(f"output {path}: is {kind}; refused")
 
 
 def atomic_write(path: str, write_fn) -> str:
@@ -93,8 +80,7 @@ def atomic_write(path: str, write_fn) -> str:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
         raise PipelineError(f"output {path}: cannot create folder ({err.strerror or err})") from None
-    if os.path.isdir(path):
-        raise PipelineError(f"output {path}: is a folder, expected a file name")
+    check_output_file(path)
     _remove_stale_temps(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
@@ -103,11 +89,7 @@ def atomic_write(path: str, write_fn) -> str:
         raise _os_error(path, err) from None
     try:
         write_fn(tmp)
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.chmod(tmp, mode)
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
@@ -116,6 +98,18 @@ def atomic_write(path: str, write_fn) -> str:
             raise _os_error(path, err) from None
         raise
     return path
+
+
+def remove_record(path: str) -> None:
+    """Remove an output's results JSON before the output is replaced, so that a run killed between the output's
+    rename and its JSON's leaves no JSON describing the previous output (nothing, rather than a wrong record)."""
+    try:
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise _os_error(path, err) from None
 
 
 def save_json(obj: Any, path: str) -> str:

@@ -149,14 +149,26 @@ def test_batch_one_example_stays_dynamic_and_static_batch(tmp_path):
         static(torch.randn(2, 3, 32, 32))
 
 
+def test_highest_opset_is_written_and_runs(tmp_path):
+    """Both ends of [MIN_OPSET, MAX_OPSET] are exported and run (the lowest above, at opset=18); above MAX_OPSET
+    the exporter wrote opset 18 with opset-23 Attention nodes, a file ONNX Runtime refuses (issue 24, item 3)."""
+    from torch.onnx import _constants
+    assert pm_kernels.deploy.MAX_OPSET <= _constants.ONNX_MAX_OPSET
+    model = _like_trained(_small())
+    path = pm_kernels.export(model, tmp_path / "hi.onnx", opset=pm_kernels.deploy.MAX_OPSET)
+    assert {e.domain: e.version for e in onnx.load(path).opset_import}[""] == pm_kernels.deploy.MAX_OPSET
+    assert _max_diff(load_exported(path, threads=1), model, 3, size=32) <= PARITY
+
+
 def test_bad_input(tmp_path, monkeypatch):
     model = _like_trained(_small())
     with pytest.raises(TypeError, match=r"call pm_kernels.patch on a dense model first"):
         pm_kernels.export(_small(), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="format"):
         pm_kernels.export(model, tmp_path / "x.tflite", format="tflite")
-    with pytest.raises(ValueError, match="opset: expected >= 18"):
-        pm_kernels.export(model, tmp_path / "x.onnx", opset=12)
+    for opset in (12, pm_kernels.deploy.MAX_OPSET + 1):
+        with pytest.raises(ValueError, match=r"opset: expected 18 <= opset <= 23"):
+            pm_kernels.export(model, tmp_path / "x.onnx", opset=opset)
     with pytest.raises(ValueError, match="opset: only for format='onnx'"):
         pm_kernels.export(model, tmp_path / "x.pt2", format="pt2", opset=18)
     with pytest.raises(ValueError, match=r"example_inputs: expected a \(B, 3, 32, 32\)"):
@@ -199,7 +211,8 @@ def test_cli_export_verify(digits_checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--out", "pm.bin"], "give --format onnx|pt2"),
     (["--out", "pm.onnx", "--format", "pt2"], "a .onnx file, but --format pt2"),
-    (["--out", "pm.onnx", "--opset", "12"], "opset: expected >= 18"),
+    (["--out", "pm.onnx", "--opset", "12"], "--opset: expected an int >= 18 and <= 23"),
+    (["--out", "pm.onnx", "--opset", "28"], "--opset: expected an int >= 18 and <= 23"),
     (["--out", "pm.onnx", "--format", "tflite"], "invalid choice"),
 ])
 def test_cli_export_errors(digits_checkpoint, tmp_path, capsys, argv, message):
