@@ -96,31 +96,44 @@ def _common(p, data=True, model=True):
         p.add_argument("--workers", type=_non_negative(int), default=0, help="data loader workers")
     p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=_positive(), help="torch CPU threads (default: free cores, at least 1)")
+    # at most the machine's CPUs: torch.set_num_threads(100000) crashes the process (a segmentation fault)
+    p.add_argument("--threads", type=_number(int, 1, os.cpu_count() or 1),
+                   help="torch CPU threads, at most the machine's CPUs (default: free cores, at least 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# Upper bounds of the training numbers. An AdamW step moves each weight by about lr, so no run trains above 10
+# (and 1e300 overflowed float32 inside the optimizer: a traceback); the others are far above any useful value.
+_MAX_LR = 10.0
 
 
 def _train_args(p, distill: bool):
     p.add_argument("--epochs", type=_number(float, 0, 1e6, low_open=True), default=60.0 if distill else 30.0)
-    p.add_argument("--base-lr", type=_positive(float), default=1e-4, help="lr = base-lr × global batch / 512")
-    p.add_argument("--lr", type=_positive(float), help="absolute lr (overrides --base-lr scaling)")
-    p.add_argument("--min-lr", type=_non_negative(), default=1e-6)
-    p.add_argument("--weight-decay", type=_non_negative(), default=1e-3)
+    p.add_argument("--base-lr", type=_number(float, 0, _MAX_LR, low_open=True), default=1e-4,
+                   help="lr = base-lr × global batch / 512")
+    p.add_argument("--lr", type=_number(float, 0, _MAX_LR, low_open=True),
+                   help="absolute lr (overrides --base-lr scaling)")
+    p.add_argument("--min-lr", type=_number(float, 0, _MAX_LR), default=1e-6)
+    p.add_argument("--weight-decay", type=_number(float, 0, 10), default=1e-3)
     p.add_argument("--warmup-iters", type=_non_negative(int), default=0)
-    p.add_argument("--mixup", type=_non_negative(), help="mixup alpha (default: 0.8 on ImageFolder, 0 on digits)")
-    p.add_argument("--cutmix", type=_non_negative(), help="cutmix alpha (default: 1.0 on ImageFolder, 0 on digits)")
+    p.add_argument("--mixup", type=_number(float, 0, 100),
+                   help="mixup alpha (default: 0.8 on ImageFolder, 0 on digits)")
+    p.add_argument("--cutmix", type=_number(float, 0, 100),
+                   help="cutmix alpha (default: 1.0 on ImageFolder, 0 on digits)")
     p.add_argument("--smoothing", type=_number(float, 0, 1, high_open=True),
                    help="label smoothing (default: 0.1 on ImageFolder, 0 on digits)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--max-iters", type=_positive(), help="stop after this many iterations")
-    p.add_argument("--dist-timeout", type=_positive(float),
+    p.add_argument("--dist-timeout", type=_number(float, 0, 365 * 86400, low_open=True),
                    help="under torchrun: seconds a collective waits for the other ranks before the job fails "
                         "(default 600)")
     p.add_argument("--out", required=True, help="output checkpoint")
     if distill:
         p.add_argument("--teacher", help="dense checkpoint to distil from (default: none, unless --alpha 0)")
-        p.add_argument("--alpha", type=_non_negative(), default=0.8, help="distillation weight (0.8 Tiny, 1.0 Small)")
-        p.add_argument("--tau", type=_positive(float), default=20.0, help="distillation temperature T")
+        p.add_argument("--alpha", type=_number(float, 0, 100), default=0.8,
+                       help="distillation weight (0.8 Tiny, 1.0 Small)")
+        p.add_argument("--tau", type=_number(float, 0, 1000, low_open=True), default=20.0,
+                       help="distillation temperature T")
         p.add_argument("--authors-lr-quirk", action="store_true",
                        help="as the authors' script: every 2-D weight (M, R included) stays at lr 1e-6")
 

@@ -10,15 +10,17 @@ import contextlib
 import os
 import re
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
 
 from . import host
 from .data import cycle_batches, make_loader
-from .io import PipelineError, load_scores, remove_record, save_checkpoint, save_json, save_scores
+from .io import PipelineError, PipelineWarning, load_scores, remove_record, save_checkpoint, save_json, save_scores
 from .outputs import companion_json
 from .tasks import get_task
+from .tasks.base import HeadFromData
 
 __all__ = ["cmd_train", "cmd_calibrate", "cmd_compress", "cmd_finetune", "cmd_evaluate", "cmd_visualize",
            "cmd_demo", "load_for", "model_and_data"]
@@ -48,8 +50,17 @@ def model_and_data(args, path: Optional[str]):
     a checkpoint, a fresh ``--model`` (the task's default on its embedded data) sized for the data."""
     task = get_task(args.task)
     if path is not None:
-        model, meta = load_for(args, path)
-        data = task.load_data(args.data, seed=args.seed, img_size=host.img_size(model))
+        try:
+            model, meta = load_for(args, path)
+        except HeadFromData:
+            if args.command not in ("train", "finetune"):
+                raise
+            # another task's checkpoint gives the backbone; the new head takes the data's classes (the data's
+            # size is the backbone's: a first build, with one class, tells it)
+            data = task.load_data(args.data, seed=args.seed, img_size=host.img_size(load_for(args, path, 1)[0]))
+            model, meta = load_for(args, path, num_classes=data.num_classes)
+        else:
+            data = task.load_data(args.data, seed=args.seed, img_size=host.img_size(model))
         task.check_data(model, data, args.data)
         return model, meta, data
     if not (getattr(args, "model", None) or task.default_model(args.data)):
@@ -61,9 +72,26 @@ def model_and_data(args, path: Optional[str]):
     if not getattr(args, "model", None):
         args.model = task.default_model(args.data)
     model, meta = load_for(args, None, num_classes=data.num_classes, extra=extra)
+    _check_img_size(args, model)
     if host.img_size(model) != data.img_size:  # a folder of images takes the model's size
         data = task.load_data(args.data, seed=args.seed, img_size=host.img_size(model))
     return model, meta, data
+
+
+def _check_img_size(args, model) -> None:
+    """A fresh model built for ``--img-size``: a whole number of patches (else timm fails at the first forward)."""
+    size, patch = getattr(args, "img_size", None), host.patch_size(model)
+    if size and size % patch:
+        raise PipelineError(f"img size {size}: not a multiple of the model's patch size {patch} (e.g. "
+                            f"{max(patch, size - size % patch)})")
+
+
+def _check_batch_fits(args, model, device) -> None:
+    """A training batch at the model's size fits in memory (a lower bound of its activations)."""
+    from .resources import check_fits, training_bytes
+    need = training_bytes(args.batch_size, host.num_tokens(model), host.embed_dim(model), len(host.layers(model)))
+    check_fits(f"training at img size {host.img_size(model)} ({host.num_tokens(model)} tokens), batch "
+               f"{args.batch_size},", need, device)
 
 
 def _train_config(args, task, data, distill: bool):
@@ -84,10 +112,12 @@ def _run_training(args, device, distill: bool) -> None:
     if info["distributed"] and device.type == "cuda":
         device = torch.device("cuda", info["local_rank"])
     model, meta, data = model_and_data(args, args.checkpoint)
+    _check_batch_fits(args, model, device)
     teacher = None
     if distill:
         if args.teacher:
             teacher, _ = task.load(args.teacher, meta.get("model"), options=task.model_options(args))
+            _refuse_compressed(teacher, args.teacher, "distil from")
             if task.num_classes(teacher) != task.num_classes(model):
                 raise PipelineError(f"teacher {args.teacher}: {task.num_classes(teacher)} classes, the student has "
                                     f"{task.num_classes(model)}")
@@ -150,7 +180,8 @@ def library_errors(what: str):
 
 
 def _refuse_compressed(model, path: str, what: str) -> None:
-    if host.is_compressed(model):  # calibration needs the dense model; compress would drop the structure
+    # calibration needs the dense model; compress would drop the structure; a teacher is the dense model
+    if host.is_compressed(model):
         raise PipelineError(f"checkpoint {path}: is already compressed; {what} the dense model")
 
 
@@ -161,6 +192,7 @@ def cmd_calibrate(args, device) -> None:
     task = get_task(args.task)
     model, meta, data = model_and_data(args, args.checkpoint)
     _refuse_compressed(model, args.checkpoint, "calibrate")
+    _check_batch_fits(args, model, device)  # calibration differentiates through the model as training does
     model.to(device)
     loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
     batches = tqdm(cycle_batches(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet,
@@ -168,6 +200,9 @@ def cmd_calibrate(args, device) -> None:
     t = time.perf_counter()
     with library_errors("calibrate"):
         scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))
+    if not bool(torch.isfinite(scores).all()):  # NaN in the images or the loss: no ranking can come of it
+        raise PipelineError("calibrate: the scores are not finite (NaN or inf in the images, or an empty batch); "
+                            "nothing written")
     info = dict(task=task.name, model=meta["model"], model_kwargs=meta["model_kwargs"],
                 depth=len(host.layers(model)), num_patches=host.num_patches(model), iters=args.iters,
                 batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
@@ -184,7 +219,13 @@ def cmd_compress(args, device) -> None:
     task = get_task(args.task)
     options = task.compress_options(args)
     prune = args.prune_rate if args.prune_rate is not None else default_prune_rate(options["thresholds"])
-    scores = load_scores(args.scores)["scores"]
+    loaded = load_scores(args.scores)
+    scores = loaded["scores"]
+    written_for = loaded["meta"].get("task")
+    if written_for is not None and written_for != task.name:  # the same shape says nothing: a backbone's grid
+        raise PipelineError(f"scores {args.scores}: calibrated on a {written_for} model, this run is --task "
+                            f"{task.name}")
+    _check_scores(scores, args.scores)
     model, meta = load_for(args, args.checkpoint)
     _refuse_compressed(model, args.checkpoint, "compress")
     with library_errors("compress"):  # rates, their sum, the scores' shape against the model, the layers
@@ -200,12 +241,25 @@ def cmd_compress(args, device) -> None:
                f"pruned {pruned}; wrote {args.out}")
 
 
+def _check_scores(scores: torch.Tensor, path: str) -> None:
+    """All-zero scores (calibrating on one-class data: no gradient) rank nothing, and compress would keep the
+    identity; a block whose scores are all equal gets an arbitrary structure (K = 2)."""
+    if not bool(scores.ne(0).any()):
+        raise PipelineError(f"scores {path}: all zero (calibration on data of one class gives no gradient): nothing "
+                            "to rank the tokens by")
+    tied = [i for i, row in enumerate(scores) if bool((row == row[0]).all())]
+    if tied:
+        warnings.warn(PipelineWarning(f"scores {path}: block(s) {', '.join(map(str, tied))} have all their scores "
+                                      "equal: their structure is arbitrary"))
+
+
 def cmd_evaluate(args, device) -> None:
     from .evaluate import evaluate_models, format_table, plot_accuracy_vs_keep
     task = get_task(args.task)
     paths = ([args.dense] if args.dense else []) + list(args.checkpoint)
     if not paths:
         raise PipelineError("evaluate: give --dense and/or --checkpoint")
+    metric_options = task.evaluate_options(args)
     models, extra, data = {}, {}, None
     for i, path in enumerate(paths):
         if data is None:
@@ -221,7 +275,7 @@ def cmd_evaluate(args, device) -> None:
         extra[name] = {"checkpoint": path, **({"keep_rate": keep} if keep is not None else {})}
     rows = evaluate_models(task, models, data, device=device, batch_size=args.batch_size, repeats=args.repeats,
                            workers=args.workers, progress=not args.quiet,
-                           metric_options=task.evaluate_options(args))
+                           metric_options=metric_options)
     for r in rows:
         r.update(extra[r["model"]])
     table = format_table(task, rows)

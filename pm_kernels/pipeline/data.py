@@ -61,7 +61,11 @@ def digits(seed: int = 0, img_size: int = 32, test_size: float = 0.25, shift: in
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from .resources import check_fits
+
     X, y = load_digits(return_X_y=True)
+    check_fits(f"img size {img_size}: the {len(y)} digit images at {img_size}x{img_size}",
+               4 * len(y) * img_size ** 2)
     x = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     x = (x - DIGITS_MEAN[0]) / DIGITS_STD[0]
@@ -81,9 +85,13 @@ def _count_images(root: str) -> int:
     return n
 
 
+_SKIP_LIMIT = 50  # unreadable images in a row before the run ends (timm's own limit)
+
+
 class ImageFolderSplit(Dataset):
-    """One split of an ImageFolder (a timm ``ImageDataset``): an image that cannot be read ends the run with one
-    clear line. (timm skips a few unreadable images with a logged warning and gives up after 50 in a row.)"""
+    """One split of an ImageFolder (a timm ``ImageDataset``'s files, labels and transform). An image that cannot
+    be read is skipped, as timm does (the next one is used), with one ``warning:`` line naming it (timm logs its
+    own line); ``_SKIP_LIMIT`` in a row end the run with one clear line."""
 
     def __init__(self, dataset, root: str):
         self.dataset, self.root = dataset, root
@@ -92,11 +100,29 @@ class ImageFolderSplit(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        try:
-            return self.dataset[i]
-        except Exception as err:  # PIL / timm errors differ across versions: every one is a data error here
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            raise PipelineError(f"data {self.root}: images from index {i} on cannot be read ({reason})") from None
+        from PIL import Image
+
+        ds = self.dataset
+        for _ in range(_SKIP_LIMIT):
+            source, target = ds.reader[i][:2]
+            try:
+                with (source if hasattr(source, "read") else open(source, "rb")) as f:
+                    img = Image.open(f).convert(getattr(ds, "input_img_mode", None) or "RGB")
+                break
+            except Exception as err:  # PIL's errors differ across versions and formats: each is an unreadable file
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+                warnings.warn(PipelineWarning(f"data {self.root}: {ds.reader.filename(i)} cannot be read "
+                                              f"({reason}); skipped"))
+                i = (i + 1) % len(ds)
+        else:
+            raise PipelineError(f"data {self.root}: {_SKIP_LIMIT} images in a row cannot be read (up to index {i})")
+        if ds.transform is not None:
+            img = ds.transform(img)
+        if target is None:
+            target = -1
+        elif ds.target_transform is not None:
+            target = ds.target_transform(target)
+        return img, target
 
     @property
     def samples(self):

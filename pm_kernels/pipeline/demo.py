@@ -7,8 +7,16 @@
    dense model against each PM model in its deployed form (``optimize``), timed in interleaved rounds;
 6. table printed, ``results.json`` (rows, table, Markdown table, environment), ``accuracy_vs_keep.png``,
    ``structure_keep*.png`` and the task's own pictures written to ``out``.
+
+The folder's files are consistent as a set: ``results.json`` is the run's manifest, written last, naming every
+file of the run with its SHA-256 (``outputs``). A new run first removes the previous manifest, then the previous
+run's files (those it names, and the demo's own file names), so an interrupted run leaves a folder without
+``results.json`` holding files of that run only, never a mix of two runs.
 """
 import copy
+import fnmatch
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict
@@ -21,10 +29,44 @@ from . import host
 from .data import cycle_batches, make_loader
 from .evaluate import evaluate_models, format_table, markdown_table, plot_accuracy_vs_keep
 from .finetune import TrainConfig, train
-from .io import save_checkpoint, save_json, save_scores
+from .io import remove_record, save_checkpoint, save_json, save_scores
 from .tasks.base import DemoConfig
 
 __all__ = ["run_demo", "DemoConfig"]
+
+MANIFEST = "results.json"
+# What a demo writes (any task, any keep rates): removed with the previous manifest when a new run starts.
+_OWN_FILES = ("dense.pth", "scores.pt", "pm_keep*.pth", "structure_keep*.png", "accuracy_vs_keep.png",
+              "predictions.png")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _clear_previous(out: str) -> None:
+    """Remove the previous run's manifest first (the folder then names no complete run), then its files."""
+    manifest = os.path.join(out, MANIFEST)
+    named = []
+    try:
+        with open(manifest) as f:
+            named = list(json.load(f).get("outputs", {}))
+    except (OSError, ValueError, AttributeError):
+        pass  # none, or not one of ours: the demo's own names are removed below all the same
+    remove_record(manifest)
+    try:
+        names = os.listdir(out)
+    except FileNotFoundError:
+        return
+    own = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in _OWN_FILES)}
+    for name in own | {n for n in named if isinstance(n, str) and os.path.basename(n) == n and n in names}:
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
 
 
 def _train_configs(cfg: DemoConfig, progress: bool):
@@ -45,6 +87,7 @@ def run_demo(task, out: str, cfg: Optional[DemoConfig] = None, device=None, prog
 
     cfg = cfg or task.demo_config()
     device = torch.device(device or "cpu")
+    _clear_previous(out)
     env = environment(device)
     t0 = time.perf_counter()
     timings = {}
@@ -114,11 +157,13 @@ def run_demo(task, out: str, cfg: Optional[DemoConfig] = None, device=None, prog
                                             "pruned (black)"))
     plots += task.pictures({k: deployable(m.cpu()) for k, m in models.items()}, data, out, cfg.n_pictures)
     timings["total_s"] = time.perf_counter() - t0
+    written = sorted(n for n in os.listdir(out) if any(fnmatch.fnmatchcase(n, p) for p in _OWN_FILES))
     results = {"task": task.name, "config": asdict(cfg), "environment": finish_environment(env),
                "n_train": len(data.train), "n_test": len(data.test), "rows": rows, "table": table,
                "markdown": markdown_table(task, rows), "timings": timings,
-               "files": [os.path.relpath(p, out) for p in plots]}
-    save_json(results, os.path.join(out, "results.json"))
+               "files": [os.path.relpath(p, out) for p in plots],
+               "outputs": {name: _sha256(os.path.join(out, name)) for name in written}}
+    save_json(results, os.path.join(out, MANIFEST))  # last: the manifest of a complete run
     log(f"demo finished in {timings['total_s']:.1f} s; results in {out}/results.json, pictures "
         f"{', '.join(results['files'])}")
     return results

@@ -15,7 +15,7 @@ from ..measure.macs import kept_tokens as _kept_tokens
 
 __all__ = ["vit", "layers", "img_size", "input_shape", "grid", "num_patches", "num_prefix", "num_tokens",
            "is_compressed", "kept_tokens", "pruned_tokens", "mean_keep", "BlockStructure", "block_structures",
-           "reference_parameter", "num_heads"]
+           "reference_parameter", "num_heads", "patch_size", "embed_dim"]
 
 
 def _host(model: nn.Module) -> Tuple[Host, nn.Module]:
@@ -48,6 +48,16 @@ def input_shape(model: nn.Module) -> Tuple[int, int, int]:
     host, backbone = _host(model)
     (h, w), (ph, pw) = host.grid(backbone), host.patch_size(backbone)
     return int(host.in_chans(backbone)), int(h * ph), int(w * pw)
+
+
+def patch_size(model: nn.Module) -> int:
+    host, backbone = _host(model)
+    return int(host.patch_size(backbone)[0])
+
+
+def embed_dim(model: nn.Module) -> int:
+    host, backbone = _host(model)
+    return int(host.embed_dim(backbone))
 
 
 def img_size(model: nn.Module) -> int:

@@ -134,6 +134,30 @@ def _torch_save(payload, tmp: str, path: str) -> None:
         raise PipelineError(f"output {path}: cannot write ({str(err).strip().splitlines()[-1][:160]})") from None
 
 
+def _check_archive(path: str, what: str) -> None:
+    """Before ``torch.load`` reads anything: the file is a zip archive as ``torch.save`` writes it, every record
+    stored as it is. A compressed record would be inflated in memory before any check (a 2 MB file asking for
+    gigabytes); stored records cannot hold more than the file's size. (The pre-1.6 format, which allocates each
+    storage at the size its header declares, is not read.)"""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise PipelineError(f"{what} {path}: cannot be read, corrupt or not a PyTorch file (not a zip archive as "
+                            f"torch.save writes it; {str(err)[:80]})") from None
+    names = set()
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise PipelineError(f"{what} {path}: record {info.filename[:80]!r} is compressed (torch.save compresses "
+                                "nothing; a compressed record would be inflated in memory before any check)")
+        if info.filename in names:
+            raise PipelineError(f"{what} {path}: record {info.filename[:80]!r} appears twice")
+        names.add(info.filename)
+    if sum(info.file_size for info in infos) > os.path.getsize(path):
+        raise PipelineError(f"{what} {path}: its records claim more bytes than the file holds")
+
+
 def _read(path: str, what: str):
     if not path:
         raise PipelineError(f"{what}: no file given")
@@ -141,6 +165,8 @@ def _read(path: str, what: str):
         raise PipelineError(f"{what} {path}: no such file")
     if os.path.isdir(path):
         raise PipelineError(f"{what} {path}: is a folder, expected a file")
+    if not path.endswith(".safetensors"):
+        _check_archive(path, what)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

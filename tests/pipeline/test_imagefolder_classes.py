@@ -11,7 +11,7 @@ from pm_kernels.cli import main
 from pm_kernels.pipeline.data import load_data
 from pm_kernels.pipeline.io import PipelineError, PipelineWarning
 from pm_kernels.pipeline.tasks import TASKS
-from task_inputs import TASK_NAMES, folder_data, task_args
+from task_inputs import TASK_NAMES, dense_checkpoint, folder_data, task_args
 
 
 def _folder(root, split_classes, images_per_class=2, corrupt=False):
@@ -74,14 +74,16 @@ def test_one_training_class_is_said(tmp_path):
 
 
 def test_cli_prints_the_warning_as_one_line(tmp_path, capsys):
-    """The CLI shows the pipeline's warnings as one ``warning:`` line (here, before the run's own error)."""
+    """The CLI shows the pipeline's warnings as one ``warning:`` line (here, before the run's own error: the
+    1-channel digits checkpoint does not take the folder's RGB images)."""
     root = _folder(tmp_path, {"train": ["a", "b", "c"], "val": ["a", "c"]})
+    checkpoint = dense_checkpoint("classification", tmp_path / "c")["dense"]
     with pytest.raises(SystemExit) as exc:
-        main(["calibrate", "--model", "digits_vit", "--data", root, "--out", str(tmp_path / "s.json")])
+        main(["calibrate", "--checkpoint", checkpoint, "--data", root, "--out", str(tmp_path / "s.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert err[0].startswith("pm-kernels calibrate: warning: data") and "(b)" in err[0]
-    assert err[1].startswith("pm-kernels calibrate: error: output") and "results JSON" in err[1]
+    assert err[1].startswith("pm-kernels calibrate: error: data") and "3-channel images" in err[1]
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

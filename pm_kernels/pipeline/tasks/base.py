@@ -17,7 +17,13 @@ from torch import nn
 from ..data import DataBundle, make_loader
 from ..io import PipelineError
 
-__all__ = ["Task", "DemoConfig"]
+__all__ = ["Task", "DemoConfig", "HeadFromData"]
+
+
+class HeadFromData(PipelineError):
+    """A checkpoint of another task (e.g. a classifier's) that gives this task's model its backbone only: the
+    head must be sized from the data. Its message is for a command that has no data to size it (``train`` and
+    ``finetune`` catch it and do)."""
 
 
 @dataclass

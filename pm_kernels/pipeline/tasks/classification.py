@@ -11,6 +11,7 @@ import torch
 
 from ..data import DataBundle, load_data
 from ..families import DIGITS_VIT
+from ..io import PipelineError, load_checkpoint
 from ..model import load_model
 from .base import Task
 
@@ -52,7 +53,15 @@ class Classification(Task):
         return None  # a fresh classifier is always named (--model)
 
     def load(self, checkpoint, name=None, num_classes=None, extra_kwargs=None, options=None):
-        return load_model(checkpoint, name, num_classes=num_classes, extra_kwargs=extra_kwargs)
+        try:
+            return load_model(checkpoint, name, num_classes=num_classes, extra_kwargs=extra_kwargs)
+        except PipelineError:
+            # a Segmenter's weights without the pm_meta that names their task: say which task reads them
+            ckpt = load_checkpoint(checkpoint) if checkpoint else None
+            if ckpt and "task" not in ckpt["meta"] and any(k.startswith("decoder.") for k in ckpt["state_dict"]):
+                raise PipelineError(f"checkpoint {checkpoint}: a Segmenter's weights (decoder.*), this run is "
+                                    "--task classification (add --task segmentation)") from None
+            raise
 
     def num_classes(self, model) -> int:
         return int(model.num_classes)

@@ -22,7 +22,7 @@ from ..data import DataBundle, make_loader
 from ..families import DIGITS_SEG_VIT, find_family, recorded_kwargs, resolve_kwargs
 from ..io import PipelineError
 from ..model import build_model, load_weights, model_name, read_checkpoint
-from .base import Task
+from .base import HeadFromData, Task
 from .segmentation_data import load_seg_data
 
 __all__ = ["Segmentation", "SEGMENTATION", "load_segmenter", "seg_loss", "confusion_matrix", "miou_from_confusion",
@@ -90,6 +90,10 @@ def load_segmenter(checkpoint: Optional[str], name: Optional[str] = None, num_cl
                 raise PipelineError(f"{source}: {value} {key.replace('_', ' ')} in the weights, {what} {said}")
         head = found
     if not head["num_classes"]:
+        if state is not None:  # a classifier's checkpoint: the decoder would be new, sized by the data
+            raise HeadFromData(f"checkpoint {checkpoint}: a {meta.get('task', 'classification')} checkpoint, this "
+                               "run is --task segmentation (add --task classification; `pm-kernels train --task "
+                               "segmentation --checkpoint` starts a Segmenter from it)")
         raise PipelineError("num classes: unknown (give --data, whose class count the decoder takes)")
     backbone = build_model(arch, kwargs)
     try:
@@ -243,14 +247,17 @@ class Segmentation(Task):
                            help="segmentation: structure search, SPEC §4 global or §8 per-layer (default per_layer)")
             p.add_argument("--layers", type=int, nargs="+", help="segmentation: blocks to compress (default all)")
         if command == "evaluate":
-            p.add_argument("--window", type=int, help="segmentation: sliding-window size for images larger than it "
-                                                      "(default the model's image size)")
+            p.add_argument("--window", type=int, help="segmentation: sliding-window size (the model's image size, "
+                                                      "its default: a PM model's token count is fixed)")
 
     def model_options(self, args) -> Dict[str, Any]:
         return {"decoder": getattr(args, "decoder", None)}
 
     def evaluate_options(self, args) -> Dict[str, Any]:
-        return {"window": getattr(args, "window", None)}
+        window = getattr(args, "window", None)
+        if window is not None and window < 1:  # 0 meant the default, silently
+            raise PipelineError(f"window {window}: expected a positive int (the model's image size)")
+        return {"window": window}
 
     def compress_options(self, args) -> Dict[str, Any]:
         return {"thresholds": args.thresholds or self.thresholds, "layers": args.layers}
@@ -283,6 +290,10 @@ class Segmentation(Task):
         return seg_loss(getattr(model, "ignore_index", IGNORE_INDEX))
 
     def metrics(self, model, loader, device=None, progress: bool = False, window=None, **options):
+        if window is not None and (window, window) != tuple(model.window_size):
+            raise PipelineError(f"window {window}: the model takes {model.window_size[0]}x{model.window_size[1]} "
+                                f"windows (its image size: a PM model's token count is fixed); give --window "
+                                f"{model.window_size[0]} or leave it out")
         size = window or model.window_size[0]
         return segmentation_metrics(model, loader, model.num_classes, device, window=(size, size), progress=progress)
 

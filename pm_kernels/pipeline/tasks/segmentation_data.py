@@ -111,8 +111,12 @@ def digits_segmentation(img_size: int = DIGITS_SEG_SIZE, n_train: int = DIGITS_S
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from ..resources import check_fits
+
     if img_size < 16:
         raise PipelineError(f"img size {img_size}: the digits-segmentation canvases need at least 16 pixels")
+    check_fits(f"img size {img_size}: the {n_train + n_val} digit canvases at {img_size}x{img_size}",
+               (4 + 8) * (n_train + n_val) * img_size ** 2)  # float32 images, int64 labels
     X, y = load_digits(return_X_y=True)
     scans = torch.tensor(X, dtype=torch.float32).view(-1, 8, 8) / 16.0
     digits = torch.tensor(y, dtype=torch.long)
@@ -147,6 +151,54 @@ def _pairs(root: str, split: str) -> List[Tuple[str, str]]:
     return pairs
 
 
+# The largest image read (as stored, or as resized): PIL's own decompression-bomb limit, 89,478,485 pixels
+# (a 3-channel float copy of it is about 1 GiB).
+MAX_PIXELS = 89_478_485
+# Label images: the value of each pixel is its label, as stored (8 or 16 bits, or a palette's indices).
+_LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
+
+
+def _open(path: str):
+    """The image's header (no pixels decoded yet), refused above ``MAX_PIXELS`` before its pixels are read."""
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with its path
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise PipelineError(f"data: {path} has more than {2 * MAX_PIXELS} pixels (at most {MAX_PIXELS} are read)") \
+            from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise PipelineError(f"data: cannot read {path} ({err})") from None
+    if image.width * image.height > MAX_PIXELS:
+        image.close()
+        raise PipelineError(f"data: {path} is {image.width}x{image.height} pixels (at most {MAX_PIXELS} are read)")
+    return image
+
+
+def _decode(image, path: str, mode: Optional[str] = None):
+    try:
+        with image:
+            return image.convert(mode) if mode else image.copy()
+    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
+        raise PipelineError(f"data: cannot read {path} ({err})") from None
+
+
+def _labels(path: str) -> torch.Tensor:
+    """(H, W) int64: the label values as stored. An RGB, grey-alpha or float image is not a label image: a
+    conversion would turn its colours into other numbers (luminance), silently."""
+    import numpy as np
+    image = _open(path)
+    mode = image.mode
+    if mode not in _LABEL_MODES:
+        image.close()
+        raise PipelineError(f"data: {path} is not a label image (mode {mode}): expected one channel of 8- or 16-bit "
+                            "labels (or a palette image, whose indices are the labels)")
+    return torch.from_numpy(np.asarray(_decode(image, path)).astype(np.int64))
+
+
 class ADE20K(Dataset):
     """One split of an ADE20K-layout folder; items are (normalised image (3, h, w), labels (h, w) int64)."""
 
@@ -160,18 +212,12 @@ class ADE20K(Dataset):
         return len(self.pairs)
 
     def _read(self, i):
-        from PIL import Image
-
         img_path, ann_path = self.pairs[i]
-        try:
-            with Image.open(img_path) as im:
-                img = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-                img = img.view(im.height, im.width, 3).permute(2, 0, 1).float() / 255.0
-            with Image.open(ann_path) as an:
-                ann = torch.frombuffer(bytearray(an.convert("L").tobytes()), dtype=torch.uint8)
-                ann = ann.view(an.height, an.width).long()
-        except OSError as err:
-            raise PipelineError(f"data: cannot read {img_path} / {ann_path} ({err})") from None
+        image = _open(img_path)
+        height, width = image.height, image.width
+        img = torch.frombuffer(bytearray(_decode(image, img_path, "RGB").tobytes()), dtype=torch.uint8)
+        img = img.view(height, width, 3).permute(2, 0, 1).float() / 255.0
+        ann = _labels(ann_path)
         if img.shape[1:] != ann.shape:
             raise PipelineError(f"data: {ann_path} is {tuple(ann.shape)}, its image {tuple(img.shape[1:])}")
         if int(ann.max()) > self.num_classes:
@@ -184,6 +230,9 @@ class ADE20K(Dataset):
         h, w = img.shape[1:]
         s = short / min(h, w)
         size = (max(1, round(h * s)), max(1, round(w * s)))
+        if size[0] * size[1] > MAX_PIXELS:  # a 1x20000 strip at a 224 short side: 224x4480000, 11 GB of floats
+            raise PipelineError(f"data: an image of {h}x{w} pixels would be resized to {size[0]}x{size[1]} "
+                                f"(more than {MAX_PIXELS} pixels): its sides are too unequal")
         img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
         return img, labels
@@ -208,6 +257,16 @@ class ADE20K(Dataset):
         return img.contiguous(), labels.contiguous()
 
 
+def _check_labelled(root: str, split: "ADE20K", n: int = 20) -> None:
+    """Masks of nothing but 0 ("other", ignored) train to a loss of 0 while seeming to work: the first ``n``
+    training masks must label some pixel."""
+    for _, ann_path in split.pairs[:n]:
+        if bool((_labels(ann_path) != 0).any()):
+            return
+    raise PipelineError(f"data {root}: the first {min(n, len(split.pairs))} training masks label no pixel (every "
+                        "value is 0, 'other', which is ignored): the loss would be 0")
+
+
 def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataBundle:
     """``root``: the ``ADEChallengeData2016`` folder (or a folder holding it)."""
     if not os.path.isdir(root):
@@ -218,6 +277,7 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
     val = ADE20K(root, "validation", crop_size, train=False, mean=mean, std=std)
     for split in (train, val):  # fail now, not in the middle of a run, when a split's first pair does not decode
         split._read(0)
+    _check_labelled(root, train)
     return DataBundle(root, train, val, num_classes=150, in_chans=3, img_size=crop_size, mean=tuple(mean),
                       std=tuple(std))
 
