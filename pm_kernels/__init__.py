@@ -50,7 +50,7 @@ __all__ = [
     "attention", "backends", "budget_keep_rate", "build_merge_matrix", "calibrate", "compress", "export",
     "ExportedFileError", "fused_block", "host_of", "init_reconstruct", "install_structure", "is_patched",
     "LayerStructure", "load_exported", "merge", "optimize", "OptimizedPM", "OptimizedSegmenter", "patch",
-    "patch_timm", "pixel_cross_entropy", "pixel_distillation", "PMAttention", "PMBlock", "PMBlocks", "PMEva", "PMEvaAttention", "PMEvaBlock",
-    "PMVisionTransformer", "reconstruct", "reconstruct_merge", "search_structure", "Segmenter", "set_backend",
-    "sliding_window",
+    "patch_timm", "pixel_cross_entropy", "pixel_distillation", "PMAttention", "PMBlock", "PMBlocks", "PMEva",
+    "PMEvaAttention", "PMEvaBlock", "PMVisionTransformer", "reconstruct", "reconstruct_merge", "search_structure",
+    "Segmenter", "set_backend", "sliding_window",
 ]

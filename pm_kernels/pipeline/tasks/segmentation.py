@@ -22,6 +22,7 @@ from ..data import DataBundle, make_loader
 from ..families import DIGITS_SEG_VIT, find_family, recorded_kwargs, resolve_kwargs
 from ..io import PipelineError
 from ..model import build_model, load_weights, model_name, read_checkpoint
+from ..resources import check_fits
 from .base import HeadFromData, Task
 from .segmentation_data import load_seg_data
 
@@ -155,6 +156,11 @@ def segmentation_metrics(model: nn.Module, loader, num_classes: int, device=None
     model.to(device).eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        # sliding windows keep the logits of the whole image twice (their sum, then the mean): a 1x20000 strip at
+        # a 32-pixel short side is 32x640000 pixels, 24 GB of logits for 150 classes
+        check_fits(f"evaluating an image of {images.shape[-2]}x{images.shape[-1]} pixels ({num_classes} classes)",
+                   4 * images.shape[0] * images.shape[-2] * images.shape[-1] * (2 * num_classes + images.shape[1]),
+                   device)
         pred = predict(model, images.to(device), window)
         conf += confusion_matrix(pred.cpu(), labels, num_classes, ignore_index)
     return miou_from_confusion(conf)
