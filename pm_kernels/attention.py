@@ -235,8 +235,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
 
     inf / NaN in q, k, v and the bias propagate the same way on every backend (docs/architecture.md, "Non-finite
     input"): P = exp(S − logsumexp(S)) row by row, so a +inf logit gives P = NaN at its key only (and a NaN output
-    row), a row of all −inf logits a NaN row. Exception: the torch backend without a score (SDPA) gives 0 for the
-    latter.
+    row), a row of all −inf logits a NaN row. Exceptions: the torch backend without a score (SDPA) gives 0 for the
+    latter, and with fp16 / bf16 on the CPU also for a row with a +inf logit (SDPA's CPU flash kernel).
     """
     _check_inputs(q, k, v, scale, score, dropout_p)
     _check_bias(q, bias, bias_h, bias_w, key_h, key_w)

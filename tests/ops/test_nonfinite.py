@@ -174,6 +174,22 @@ def test_attention(case, backend, with_score):
         assert torch.isnan(score).nonzero().flatten().tolist() == [5]  # one key's score, not every key's
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)], ids=["fp16", "bf16"])
+def test_attention_half_precision_sdpa_on_the_cpu(dtype, tol):
+    """The second documented exception (issue 24): fp16 / bf16 on the CPU without a score, SDPA's CPU flash kernel
+    gives 0 (not NaN) for a row with a +inf logit; every other row is as defined (fp32 gives NaN: test_attention)."""
+    q, k, v, do = (t.detach().cpu() for t in _attention_inputs("k_inf"))
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    with torch.no_grad():
+        out = attention(q, k, v, scale=SCALE, backend="torch")
+    want = formulas.attention_ieee(q, k, v, do, SCALE)[0]
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double())
+    plus_inf = torch.isposinf(logits).any(-1)  # (B, H, N): the rows with a +inf logit
+    assert plus_inf.any() and torch.isnan(want[plus_inf]).all()
+    assert torch.equal(out[plus_inf], torch.zeros_like(out[plus_inf]))
+    assert_same_ieee("out (other rows)", out[~plus_inf], want[~plus_inf], tol)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=TRITON)])
 @pytest.mark.parametrize("scale", [NAN, INF, -INF, 0.0, -0.125, 0, 10 ** 400],
                          ids=["nan", "inf", "-inf", "0.0", "-0.125", "int-0", "int-1e400"])
