@@ -66,6 +66,10 @@ def test_an_image_size_the_machine_cannot_hold(tmp_path, capsys, monkeypatch, ta
     assert "img size 2048" in _error(capsys, argv + ["--img-size", "2048"])  # 30 GiB of digits, on 8 GiB
     line = _error(capsys, argv + ["--img-size", "30"])
     assert "not a multiple of the model's patch size 4" in line
+    if task == "classification":  # 118 MB of digits at 128x128 fit in 200 MB, a batch of 64 does not
+        monkeypatch.setattr(resources, "available_bytes", lambda device=None: 200 * 2 ** 20)
+        line = _error(capsys, argv + ["--img-size", "128"])
+        assert "training at img size 128 (1025 tokens), batch 64, needs at least" in line
     assert os.listdir(tmp_path) == []
 
 

@@ -2,6 +2,7 @@
 
 Runtime on a shared 2-core CPU: a few minutes, almost all of it the reduced demo (module-scoped fixture).
 """
+import hashlib
 import json
 import os
 
@@ -73,7 +74,13 @@ def test_demo_reduced_budget(demo):
                  "pm_keep0.6.pth"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "results.json")) as f:
-        assert json.load(f)["rows"][0]["model"] == "dense"
+        manifest = json.load(f)
+    assert manifest["rows"][0]["model"] == "dense"
+    # the manifest names every file of the run with its hash (issue 24: a folder's files consistent as a set)
+    assert {"dense.pth", "scores.pt", "pm_keep0.6.pth", "accuracy_vs_keep.png"} <= set(manifest["outputs"])
+    for name, digest in manifest["outputs"].items():
+        with open(os.path.join(out, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
     assert not [f for f in _files(out) if f.endswith(".tmp")]
 
 
