@@ -46,7 +46,8 @@ _FUNCTIONS: Dict[str, Callable] = {
 # ATen operators that return nothing but are allowed: runtime checks torch.export inserts.
 _CHECKS = {"_assert_scalar", "_assert_tensor_metadata", "_assert_async", "sym_constrain_range",
            "sym_constrain_range_for_size"}
-_RETURNS = re.compile(r"(Tensor|int|float|bool|number|SymInt|Scalar)(\[\]|\?)?\Z|List\[(Tensor|int|SymInt)\]\Z")
+_RETURNS = re.compile(r"(Optional\[)?(Tensor|int|float|bool|number|SymInt|Scalar)\]?\Z|"
+                      r"List\[(Optional\[)?(Tensor|int|SymInt)\]?\]\Z")  # as torch prints schema types
 _FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}  # how the serializer writes them
 
 
