@@ -103,7 +103,7 @@ class ImageFolderSplit(Dataset):
         from PIL import Image
 
         ds = self.dataset
-        for _ in range(_SKIP_LIMIT):
+        for _ in range(min(_SKIP_LIMIT, len(ds))):
             source, target = ds.reader[i][:2]
             try:
                 with (source if hasattr(source, "read") else open(source, "rb")) as f:
@@ -115,7 +115,8 @@ class ImageFolderSplit(Dataset):
                                               f"({reason}); skipped"))
                 i = (i + 1) % len(ds)
         else:
-            raise PipelineError(f"data {self.root}: {_SKIP_LIMIT} images in a row cannot be read (up to index {i})")
+            raise PipelineError(f"data {self.root}: {min(_SKIP_LIMIT, len(ds))} images in a row cannot be read (up "
+                                f"to index {i})")
         if ds.transform is not None:
             img = ds.transform(img)
         if target is None:
