@@ -8,6 +8,7 @@ segmentation task a Segmenter's backbone.
 """
 import copy
 import math
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from ..hosts import patch
 from ..pm_model import is_patched
 from .families import DIGITS_VIT, DIGITS_VIT_KWARGS, find_family, recorded_kwargs, resolve_kwargs
-from .io import PipelineError, load_checkpoint
+from .hf import is_hf_source, load_hf
+from .io import PipelineError, load_checkpoint, load_weights
 
 __all__ = ["DIGITS_VIT", "DIGITS_VIT_KWARGS", "build_model", "load_model", "model_meta", "clean_meta",
            "read_checkpoint", "model_name", "META_KEYS"]
@@ -68,6 +70,7 @@ META_KEYS = {
     "train": (lambda v: isinstance(v, dict), "a dict (the training history)"),
     "task": (lambda v: isinstance(v, str) and v.isidentifier(), "a task name"),
     "thresholds": (lambda v: v in ("global", "per_layer"), "global or per_layer"),
+    "hf_config": (lambda v: isinstance(v, dict), "a dict (a transformers model's config)"),
     "layers": (lambda v: v is None or (isinstance(v, list) and all(isinstance(k, int) and not isinstance(k, bool)
                                                                    for k in v)), "null or a list of block indices"),
 }
@@ -98,6 +101,9 @@ def read_checkpoint(checkpoint: Optional[str], task: str = "classification", loa
     ``pm_meta.task``, classification when absent) must be one of ``loads`` (default: ``task`` itself)."""
     if not checkpoint:
         return None, clean_meta({}, "model")
+    if os.path.isdir(checkpoint):
+        raise PipelineError(f"checkpoint {checkpoint}: a model folder (transformers' save_pretrained); this run "
+                            "takes a checkpoint file (model folders load with --task classification)")
     ckpt = load_checkpoint(checkpoint)
     meta = clean_meta(copy.deepcopy(ckpt["meta"]), f"checkpoint {checkpoint}", extra_keys)
     written_for = meta.get("task", "classification")
@@ -117,16 +123,6 @@ def model_name(meta: Dict[str, Any], name: Optional[str], checkpoint: Optional[s
     return arch
 
 
-def load_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str, arch: str) -> None:
-    """``load_state_dict(strict=True)``, a mismatch as one line."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, ValueError, TypeError) as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise PipelineError(f"checkpoint {checkpoint}: does not fit model {arch!r} ({detail[:200]})") from None
-
-
 def load_model(checkpoint: Optional[str], name: Optional[str] = None, num_classes: Optional[int] = None,
                extra_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(model, meta): build the classifier named by the checkpoint's meta (or ``name``) and load the weights.
@@ -134,9 +130,14 @@ def load_model(checkpoint: Optional[str], name: Optional[str] = None, num_classe
     The constructor arguments are those the weights' shapes imply (the file's ``model_kwargs`` and
     ``extra_kwargs`` must agree with them; see ``families``). A PM checkpoint brings its structure (M, R,
     keep_mask shapes); a dense timm/DeiT checkpoint loads as the identity structure. Without a checkpoint, a
-    freshly initialised model (``num_classes`` outputs).
+    freshly initialised model (``num_classes`` outputs). A transformers model folder, or a checkpoint written
+    from one, gives a ``hf.HostClassifier`` (see ``hf``).
     """
+    if checkpoint and os.path.isdir(checkpoint):
+        return load_hf(checkpoint, None, clean_meta({}, f"checkpoint {checkpoint}"), name, extra_kwargs)
     state_dict, meta = read_checkpoint(checkpoint)
+    if is_hf_source(checkpoint, meta):
+        return load_hf(checkpoint, state_dict, meta, name, extra_kwargs)
     arch = model_name(meta, name, checkpoint, "a timm ViT/DeiT name or digits_vit")
     family = find_family(arch)
     given = dict(meta["model_kwargs"])

@@ -5,6 +5,7 @@ Data: ``digits`` (scikit-learn's scans, embedded) or an ImageFolder tree (``pipe
 (global thresholds, prune rate 0.1). The demo: the digits ViT trained from scratch, compressed at keep 0.6 and
 0.4 (README, "The demo").
 """
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -55,9 +56,12 @@ class Classification(Task):
     def load(self, checkpoint, name=None, num_classes=None, extra_kwargs=None, options=None):
         try:
             return load_model(checkpoint, name, num_classes=num_classes, extra_kwargs=extra_kwargs)
-        except PipelineError:
+        except PipelineError as err:
             # a Segmenter's weights without the pm_meta that names their task: say which task reads them
-            ckpt = load_checkpoint(checkpoint) if checkpoint else None
+            try:
+                ckpt = load_checkpoint(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
+            except PipelineError:
+                raise err from None
             if ckpt and "task" not in ckpt["meta"] and any(k.startswith("decoder.") for k in ckpt["state_dict"]):
                 raise PipelineError(f"checkpoint {checkpoint}: a Segmenter's weights (decoder.*), this run is "
                                     "--task classification (add --task segmentation)") from None

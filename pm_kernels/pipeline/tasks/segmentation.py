@@ -20,8 +20,8 @@ from torch import nn
 from ...segmenter import DECODERS, IGNORE_INDEX, Segmenter, pixel_cross_entropy, sliding_window
 from ..data import DataBundle, make_loader
 from ..families import DIGITS_SEG_VIT, find_family, recorded_kwargs, resolve_kwargs
-from ..io import PipelineError
-from ..model import build_model, load_weights, model_name, read_checkpoint
+from ..io import PipelineError, load_weights
+from ..model import build_model, model_name, read_checkpoint
 from ..resources import check_fits
 from .base import HeadFromData, Task
 from .segmentation_data import load_seg_data
