@@ -68,16 +68,19 @@ def load_pt2(path: str, error: Type[ValueError] = ValueError) -> Callable[[torch
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise refuse(f"not a .pt2 archive ({err})") from None
-    with archive:
-        members = _members(archive, refuse)
-        if _text(archive, members["archive_format"], refuse) != "pt2":
-            raise refuse("not a torch.export archive (archive_format)")
-        if _text(archive, members["byteorder"], refuse) != sys.byteorder:
-            raise refuse(f"written on a {_text(archive, members['byteorder'], refuse)}-endian machine")
-        program = _json(archive, members["models/model.json"], refuse)
-        weights = _tensors(archive, members, "data/weights/", "model_weights_config.json", refuse)
-        constants = _tensors(archive, members, "data/constants/", "model_constants_config.json", refuse)
-    return _Program(program, weights, constants, refuse)
+    try:
+        with archive:
+            members = _members(archive, refuse)
+            if _text(archive, members["archive_format"], refuse) != "pt2":
+                raise refuse("not a torch.export archive (archive_format)")
+            if _text(archive, members["byteorder"], refuse) != sys.byteorder:
+                raise refuse(f"written on a {_text(archive, members['byteorder'], refuse)}-endian machine")
+            program = _json(archive, members["models/model.json"], refuse)
+            weights = _tensors(archive, members, "data/weights/", "model_weights_config.json", refuse)
+            constants = _tensors(archive, members, "data/constants/", "model_constants_config.json", refuse)
+        return _Program(program, weights, constants, refuse)
+    except (AttributeError, TypeError, KeyError, IndexError, OverflowError) as err:  # a value of the wrong kind
+        raise refuse(f"its program or configs are malformed ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 # ------------------------------------------------------------------------------------------------ the archive
@@ -276,10 +279,17 @@ class _Program:
             if not isinstance(spec, dict) or list(spec) != ["user_output"]:
                 raise refuse(f"output {str(spec)[:80]} is not a plain output (mutations, losses, gradients)")
         self.outputs = [self._tensor_name(o, "an output") for o in outputs]
+        if not set(self.outputs) <= self.defined:
+            raise refuse("its program returns a value no node makes")
         self.single = len(self.outputs) == 1 and _leaf_out_spec(module)
-        meta = graph.get("tensor_values", {}).get(self.input_name) or {}
-        self.input_dtype = self.dtypes.get(meta.get("dtype"))
-        self.input_sizes = [s.get("as_int") if isinstance(s, dict) else None for s in meta.get("sizes", [])]
+        meta = graph.get("tensor_values", {}).get(self.input_name)
+        self.input_dtype = self.dtypes.get(meta.get("dtype")) if isinstance(meta, dict) else None
+        sizes = meta.get("sizes") if isinstance(meta, dict) else None
+        if self.input_dtype is None or not isinstance(sizes, list):
+            raise refuse("its input has no dtype or shape")
+        # a fixed size, or None for a symbolic one (the batch)
+        self.input_sizes = [None if isinstance(d, dict) and list(d) == ["as_expr"] else _int(d, "input size", refuse)
+                            for d in sizes]
 
     # -------------------------------------------------------------------- checks at load
     def _bind_inputs(self, specs, inputs, weights, constants) -> str:
@@ -429,14 +439,15 @@ class _Program:
             for target, fn, args, kwargs, binders in self.steps:
                 try:
                     result = fn(*[a(env) for a in args], **{k: v(env) for k, v in kwargs.items()})
-                except (RuntimeError, TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+                    if len(binders) == 1:
+                        binders[0](env, result)
+                    elif binders:  # an operator with several results (none: a check such as _assert_scalar)
+                        for binder, item in zip(binders, result):
+                            binder(env, item)
+                except (RuntimeError, TypeError, ValueError, IndexError, KeyError, ZeroDivisionError,
+                        OverflowError) as err:
                     raise self.refuse(f"its node {target} failed: {(str(err).splitlines() or [''])[0][:200]}") \
                         from None
-                if len(binders) == 1:
-                    binders[0](env, result)
-                elif binders:  # an operator with several results (none: a check such as _assert_scalar)
-                    for binder, item in zip(binders, result):
-                        binder(env, item)
         out = [env[name] for name in self.outputs]
         return out[0] if self.single else tuple(out)
 

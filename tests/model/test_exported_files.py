@@ -129,6 +129,37 @@ def test_no_code_runs_from_a_pt2(program, tmp_path, case, edit, refused):
     assert exc.value.code == 2 and not marker.exists()
 
 
+def test_a_tampered_program_is_one_error_type(program, tmp_path):
+    """Any value of the program's JSON replaced by one of another kind: the file runs, or ExportedFileError (or
+    the images' own ValueError / TypeError), never another exception."""
+    import random
+    rng = random.Random(0)
+    with zipfile.ZipFile(program[0]) as z:
+        name = next(n for n in z.namelist() if n.endswith("models/model.json"))
+        doc = json.loads(z.read(name))
+    slots = []  # (container, key) of every value in the document
+
+    def walk(value):
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            slots.append((value, key))
+            walk(item)
+    walk(doc)
+    x = torch.randn(3, 2, 2)
+    for i, (container, key) in enumerate(rng.sample(slots, 60)):
+        old = container[key]
+        container[key] = rng.choice([None, -1, 10 ** 12, 1.5, "x", "torch.ops.aten.add.Tensor", [], {}, True])
+        crafted = _rewrite(program[0], str(tmp_path / f"t{i}.pt2"),
+                           lambda ms: ms.update({"models/model.json": json.dumps(doc).encode()}))
+        container[key] = old
+        try:
+            load_exported(crafted)(x)
+        except ExportedFileError:
+            pass
+        except (ValueError, TypeError) as err:  # the file's input differs from these images
+            assert str(err).startswith("images: "), err
+
+
 def test_the_threat_is_real(program, tmp_path):
     """The same crafted archive under torch.export.load runs the pickle (why load_exported does not use it)."""
     marker = tmp_path / "marker"
