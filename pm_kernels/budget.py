@@ -16,7 +16,7 @@ is (``Host.embed_macs``, ``layer_macs_per_token``, ``attention_width``, ``head_m
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,18 +36,25 @@ def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = 
     layers = host.layers(model)
     if len(kept) != len(layers):
         raise ValueError(f"kept: expected one token count per layer ({len(layers)}), got {len(kept)}")
-    h, w = host.grid(model)
-    n_patches = h * w if num_patches is None else int(num_patches)
-    n = n_patches + host.num_prefix(model)
-    c = host.embed_dim(model)
-    macs = host.embed_macs(model, n_patches)
+    grid = _grid(host, model, num_patches)
+    n = grid[0] * grid[1] + host.num_prefix(model)
+    macs = host.embed_macs(model, grid[0] * grid[1])
     for layer, k in zip(layers, kept):
         k = int(k)
         if not 0 < k <= n:
             raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        macs += (k * host.layer_macs_per_token(layer) + 2 * k * k * host.attention_width(layer)
-                 + (2 * k * n * c if k < n else 0))
+        macs += host.layer_macs(model, layer, k, grid)
     return macs + host.head_macs(model)
+
+
+def _grid(host, model: nn.Module, num_patches: Optional[int]) -> Tuple[int, int]:
+    """The patch grid of ``num_patches`` patches: the model's own when the count is its, else the square one
+    (a layer's MACs may depend on the grid's shape, not only its count: windows and their padding)."""
+    own = tuple(host.grid(model))
+    if num_patches is None or int(num_patches) == own[0] * own[1]:
+        return own
+    side = math.isqrt(int(num_patches))
+    return (side, side) if side * side == int(num_patches) else (1, int(num_patches))
 
 
 @dataclass
@@ -90,11 +97,15 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     if prune_rate is None:
         prune_rate = default_prune_rate(thresholds)
     prune_rate = check_rate("prune_rate", prune_rate, low_open=False)
+    kept_of = lambda st: [s.keep for s in st]  # noqa: E731
     if isinstance(model_or_macs, nn.Module):
         model = model_or_macs
+        host = host_of(model)
         if num_prefix is None:
-            num_prefix = host_of(model).num_prefix(model)
-        gmacs_of = lambda st: pm_macs(model, [s.keep for s in st], scores.shape[1]) / 1e9  # noqa: E731
+            num_prefix = host.num_prefix(model)
+        # tokens each layer runs on (a windowed layer's K per window, times its windows)
+        kept_of = lambda st: host.kept_tokens(model, st, _grid(host, model, scores.shape[1]))  # noqa: E731
+        gmacs_of = lambda st: pm_macs(model, kept_of(st), scores.shape[1]) / 1e9  # noqa: E731
     elif callable(model_or_macs):
         gmacs_of = model_or_macs
     else:
@@ -121,7 +132,7 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
             st = search_structure(scores, keep_rate=keep_for(counts[i]), prune_rate=prune_rate,
                                   depth_discount=depth_discount, num_prefix=num_prefix, thresholds=thresholds,
                                   layers=layers)
-            cache[i] = (float(gmacs_of(st)), [s.keep for s in st])
+            cache[i] = (float(gmacs_of(st)), kept_of(st))
         return cache[i]
 
     lo_g, hi_g = evaluate(0)[0], evaluate(len(counts) - 1)[0]
