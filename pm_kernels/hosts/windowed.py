@@ -6,6 +6,7 @@ A SAM host derives from ``WindowedHostMixin`` and its library's host, and says w
 window (``window``), its attention's linear maps (``attention_macs_per_token``) and whether it has relative
 position (``uses_rel_pos``).
 """
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,7 +15,15 @@ from torch import nn
 from ..windowed import WindowedFoldedLayers, window_keep, window_layout
 from .base import structure_grid
 
-__all__ = ["WindowedHostMixin", "structure_window"]
+__all__ = ["WindowedHostMixin", "neck_macs", "structure_window"]
+
+
+def neck_macs(neck: nn.Module, num_patches: int) -> int:
+    """Multiply-adds of a convolutional neck on the patch grid (SAM's: stride 1, same size; linear maps too)."""
+    convs = sum(num_patches * m.in_channels // m.groups * math.prod(m.kernel_size) * m.out_channels
+                for m in neck.modules() if isinstance(m, nn.Conv2d))
+    return convs + sum(num_patches * m.in_features * m.out_features for m in neck.modules()
+                       if isinstance(m, nn.Linear))
 
 
 def structure_window(windows: Sequence[int], model_name: str) -> int:

@@ -145,11 +145,11 @@ class WindowedPMBlockMixin(PMBlockMixin):
         out = unpartition(torch.matmul(self.reconstruct_matrix().to(z.dtype), z), layout)
         return out + (~self.keep_mask).view(*layout.grid, 1).to(x.dtype) * x
 
-    def body(self, z: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-        """The layer on its K tokens per window: z (B, n_W, K, C) → (B, n_W, K, C)."""
-        if z.dim() != 4:
-            raise ValueError(f"z: a windowed layer's body takes (B, windows, K, C) tokens, got shape "
-                             f"{tuple(z.shape)}")
+    def body(self, z: torch.Tensor, layout: Optional[WindowLayout] = None) -> torch.Tensor:
+        """The layer on its K tokens per window: z (B, n_W, K, C) → (B, n_W, K, C), ``layout`` the structure's."""
+        if z.dim() != 4 or not isinstance(layout, WindowLayout):
+            raise ValueError(f"z: a windowed layer's body takes (B, windows, K, C) tokens and their window layout, "
+                             f"got shape {tuple(z.shape)} and {type(layout).__name__}")
         B, n_w, k, C = z.shape
         rows, cols = self.centre_positions(layout)
         h = self.pm_norm1(z)

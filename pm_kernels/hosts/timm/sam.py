@@ -8,7 +8,6 @@ tokens, so timm's ``forward_features`` / ``forward_intermediates`` / gradient ch
 model's class gains the structure's grid check. The neck and head read the reconstructed grid unchanged.
 Rotary SAM variants (``use_rope=True``) are refused.
 """
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from timm.models.vision_transformer_sam import VisionTransformerSAM, get_rel_pos
 
 from ...windowed import WindowedAttentionMixin, WindowedPMBlockMixin, grid_attention
 from ..base import check_grid_matches, structure_grid
-from ..windowed import WindowedHostMixin, structure_window
+from ..windowed import WindowedHostMixin, neck_macs, structure_window
 
 __all__ = ["PMSamAttention", "PMSamBlock", "PMSamModelMixin", "OptimizedSAM", "patch_sam", "TimmSamHostMixin"]
 
@@ -163,12 +162,6 @@ class OptimizedSAM(nn.Module):
         return self.model.forward_head(self.forward_features(images))
 
 
-def _conv_macs(module: nn.Module, num_patches: int) -> int:
-    """Multiply-adds of the stride-1, same-size convolutions of a neck on the patch grid."""
-    return sum(num_patches * m.in_channels // m.groups * math.prod(m.kernel_size) * m.out_channels
-               for m in module.modules() if isinstance(m, nn.Conv2d))
-
-
 class TimmSamHostMixin(WindowedHostMixin):
     """The timm host's methods for ``VisionTransformerSAM`` (mixed before ``TimmHost``)."""
 
@@ -205,4 +198,4 @@ class TimmSamHostMixin(WindowedHostMixin):
 
     def head_macs(self, model: nn.Module) -> int:
         h, w = self.grid(model)
-        return _conv_macs(model.neck, h * w) + self.layer_macs_per_token(model.head)
+        return neck_macs(model.neck, h * w) + self.layer_macs_per_token(model.head)
