@@ -302,7 +302,8 @@ def test_a_budget_lands_on_the_installed_structure():
     assert kept == result.kept and pm_macs(pm, kept) / 1e9 == pytest.approx(result.gmacs)
 
 
-@pytest.mark.parametrize("name, fmt", [("timm", "onnx"), ("timm", "pt2"), ("vision_model", "onnx")])
+@pytest.mark.parametrize("name, fmt", [pytest.param("timm", "onnx", marks=pytest.mark.slow), ("timm", "pt2"),
+                                       pytest.param("vision_model", "onnx", marks=pytest.mark.slow)])
 def test_export_matches_pytorch(name, fmt, tmp_path):
     pytest.importorskip("onnxruntime")
     pm, _ = compressed(name, dtype=torch.float32)
