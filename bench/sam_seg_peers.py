@@ -50,6 +50,7 @@ from pm_kernels.pipeline.segmentation import segmentation_metrics  # noqa: E402
 from bench.compare import _versions  # noqa: E402
 from bench.peers.tome_windowed import patch_tome_windowed, tome_windowed_macs, tome_windowed_tokens  # noqa: E402
 from bench.peers_digits import cpu_name, interleaved_speed  # noqa: E402
+from bench.seg_speed import macs  # noqa: E402  (GMACs by FlopCounterMode)
 
 SAM_SEG_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
                       window_size=4, global_attn_indexes=(1, 3), use_rel_pos=True, neck_chans=0, num_classes=0)
@@ -77,11 +78,7 @@ def decoder_gmacs(seg: Segmenter) -> float:
 
 
 def traced_gmacs(model) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, 1, 32, 32))
-    return counter.get_total_flops() / 2e9
+    return macs(model.eval(), torch.zeros(1, 1, 32, 32))
 
 
 def match_r(plain_backbone, target_macs: float):

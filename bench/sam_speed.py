@@ -34,14 +34,7 @@ import pm_kernels  # noqa: E402
 from pm_kernels.budget import pm_macs  # noqa: E402
 from bench.compare import _versions  # noqa: E402
 from bench.peers_digits import cpu_name  # noqa: E402
-
-
-def traced_gmacs(fn, x) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn(x)
-    return counter.get_total_flops() / 2e9
+from bench.seg_speed import macs as traced_gmacs  # noqa: E402  (GMACs by FlopCounterMode of what runs)
 
 
 def seconds(fn, x) -> float:

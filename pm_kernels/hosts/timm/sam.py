@@ -21,6 +21,7 @@ from timm.models.vision_transformer_sam import VisionTransformerSAM, get_rel_pos
 from ...windowed import WindowedAttentionMixin, WindowedPMBlockMixin, grid_attention
 from ..base import check_grid_matches, structure_grid
 from ..windowed import WindowedHostMixin, neck_macs, structure_window
+from .model import OptimizedPM
 
 __all__ = ["PMSamAttention", "PMSamBlock", "PMSamModelMixin", "OptimizedSAM", "patch_sam", "TimmSamHostMixin"]
 
@@ -133,26 +134,9 @@ def patch_sam(model: VisionTransformerSAM) -> VisionTransformerSAM:
     return model
 
 
-class OptimizedSAM(nn.Module):
+class OptimizedSAM(OptimizedPM):
     """Inference-only timm PM SAM with folded boundaries (``pm_kernels.optimize``), sharing the PM model's weights:
     ``forward_features`` (the neck's output) and ``forward`` (the head's)."""
-
-    def __init__(self, model: nn.Module, folded: nn.Module):
-        super().__init__()
-        self.model = model
-        self.chain = folded
-
-    @property
-    def pm_source(self) -> nn.Module:
-        return self.model
-
-    @property
-    def folded_dtype(self) -> torch.dtype:
-        return self.chain.folded_dtype
-
-    @property
-    def kept(self):
-        return self.chain.kept
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         m = self.model
