@@ -333,6 +333,30 @@ def test_state_dict_round_trip_and_a_checkpoint_with_an_inconsistent_structure()
         pm_kernels.patch(build("timm")).load_state_dict(state)
 
 
+def test_save_pretrained_round_trip(tmp_path):
+    from pm_kernels.hosts.transformers import from_pretrained
+    pm, _ = compressed("vision_model")
+    pm.save_pretrained(tmp_path)
+    back = from_pretrained(SamVisionModel, tmp_path, dtype=torch.float64)
+    x = images()
+    with torch.no_grad():
+        assert (run("vision_model", back, x) - run("vision_model", pm, x)).abs().max() == 0
+    for a, b in zip(layers("vision_model", back), layers("vision_model", pm)):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("M", "R", "keep_mask", "centre_slot"))
+
+
+def test_gradient_checkpointing_keeps_the_gradients():
+    pm, _ = compressed("timm")
+    checkpointed = copy.deepcopy(pm)
+    checkpointed.set_grad_checkpointing(True)
+    x = images()
+    for model in (pm, checkpointed):
+        model.train()
+        model(x).square().sum().backward()
+    for (name, p), q in zip(pm.named_parameters(), checkpointed.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-9, name
+
+
 def test_segmenter_on_a_sam_backbone():
     torch.manual_seed(0)
     seg = pm_kernels.Segmenter(randomise(timm_sam(neck=0), 0), num_classes=3, decoder="linear").eval()

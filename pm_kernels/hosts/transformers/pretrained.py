@@ -15,12 +15,11 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from ..folded_copy import module_at
-from .layers import parts, patch_transformers
+from .. import host_of
 
 __all__ = ["from_pretrained", "STRUCTURE_KEYS"]
 
-STRUCTURE_KEYS = ("M", "R", "keep_mask")
+STRUCTURE_KEYS = ("M", "R", "keep_mask", "centre_slot")  # centre_slot: a SAM layer's (windowed structure)
 
 
 def _structure_tensors(folder: str) -> Dict[str, torch.Tensor]:
@@ -49,9 +48,9 @@ def from_pretrained(model_class: type, folder, **kwargs) -> PreTrainedModel:
     structure = _structure_tensors(folder)
     kwargs.setdefault("local_files_only", True)
     model = model_class.from_pretrained(folder, **kwargs)
-    patch_transformers(model)
-    spec, tower, tspec = parts(model)
-    layers = module_at(tower, tspec.layers)
+    host = host_of(model)  # the transformers host, or its SAM host
+    host.patch(model)
+    layers = host.layers(model)
     by_layer = {}
     for key, tensor in structure.items():
         owner, leaf = key.rsplit(".", 1)
