@@ -194,6 +194,7 @@ def test_identity_equals_the_dense_encoder(name):
     with torch.no_grad():
         want = run(name, dense, x)
         assert (run(name, pm, x) - want).abs().max() <= 1e-9 * want.abs().max()
+        assert (run(name, pm_kernels.optimize(pm), x) - want).abs().max() <= 1e-9 * want.abs().max()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -217,6 +218,21 @@ def test_compressed_is_the_written_formula_and_optimize_is_the_pm_model(name):
         assert layer.M.grad.abs().sum() > 0 and layer.R.grad.abs().sum() > 0
         empty_columns = (layer.centre_slot < 0).unsqueeze(1).expand_as(layer.R)
         assert layer.R.grad[empty_columns].abs().max() == 0  # empty slots stay empty under training
+
+
+@pytest.mark.parametrize("compressed_layers", [[0, 2], [1]])
+def test_a_dense_layer_between_compressed_ones(compressed_layers):
+    dense = build("timm")
+    pm = pm_kernels.patch(copy.deepcopy(dense))
+    scores = torch.rand(DEPTH, GRID * GRID, generator=torch.Generator().manual_seed(4)) + 0.1
+    pm_kernels.compress(pm, scores, keep_rate=0.5, prune_rate=0.1, layers=compressed_layers)
+    assert [layer.M is not None for layer in pm.blocks] == [i in compressed_layers for i in range(DEPTH)]
+    reference, _ = reference_model("timm", dense, pm)
+    x = images()
+    with torch.no_grad():
+        out = pm(x)
+        assert (out - reference(x)).abs().max() <= 1e-9 * out.abs().max()
+        assert (pm_kernels.optimize(pm)(x) - out).abs().max() <= 1e-9 * out.abs().max()
 
 
 def test_the_per_window_structure_follows_the_search_rule():
