@@ -64,14 +64,22 @@ dist: $(STAMP)
 check-dist: dist
 	PY=$(PY) .ci/check_dist.sh
 
+# The digits demo; its results.json (rows, the README's Markdown table, environment) and pictures go to runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/pm-kernels demo
 
+# DeiT-S on random data: tokens per layer, MACs, and images/s of dense vs the deployable PM model, interleaved.
 quickstart: $(STAMP)
-	$(PY) python/quickstart.py
+	$(PY) python/quickstart.py --out runs/quickstart.json
 
+# pytest-benchmark: on a CPU the extension's C++ token ops vs the torch reference and dense vs PM model forwards
+# (the GPU cases are skipped without CUDA). Each run is saved under bench/results/benchmarks/<machine>/;
+# `$(PY) -m pytest bench --benchmark-only --benchmark-storage=bench/results/benchmarks --benchmark-compare`
+# compares a new run with the last saved one.
+BENCH_STORAGE := bench/results/benchmarks
 bench: $(STAMP)
-	$(PY) -m pytest bench -q --benchmark-only
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-storage=$(BENCH_STORAGE) \
+	    --benchmark-autosave --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-dist build dist *.egg-info pm_kernels/_C*.so pm_kernels/_build_info.json

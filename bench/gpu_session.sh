@@ -7,11 +7,13 @@
 #   bash bench/gpu_session.sh test [pytest args]   # the test suite on the GPU (the GPU-only matrix runs first);
 #                                   # autotuning compiles every config once, so split it if a call runs out:
 #                                   # `test tests/ops/test_attention.py`, then `test tests --deselect tests/ops/test_attention.py`
-#   bash bench/gpu_session.sh kernels   # pytest-benchmark: attention vs SDPA / eager + hook, token ops
+#   bash bench/gpu_session.sh kernels   # pytest-benchmark: attention vs SDPA / eager + hook, token ops (and the
+#                                   # CPU cases: the extension's C++ token ops, dense vs PM model forwards)
 #   bash bench/gpu_session.sh compare   # bench/compare.py: DeiT-T/S/B, bf16, batch 256, eager + compiled
 #
 # GPU_SESSION_ON_CPU=1 runs every step on a CPU with the GPU parts skipped (no nvidia-smi, no extension build,
-# compare on DeiT-T at batch 2, no compile): tests/bench/test_gpu_session.py does, so that the script cannot rot.
+# one CPU benchmark pair once unmeasured, compare on timm's 6-block test_vit at batch 2, no compile): tests/bench/test_gpu_session.py
+# does, so that the script cannot rot.
 # The build lands in the working tree (pm_kernels/_C*.so, build/), which the device tool keeps between calls
 # while the machine stays warm; on a fresh machine run `build` again first.
 set -uo pipefail
@@ -50,8 +52,13 @@ case "${1:-}" in
     "${CMD[@]}" 2>&1 | tee -a "$OUT/tests.log"
     ;;
   kernels)
-    "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-json "$OUT/kernels.json" 2>&1 \
-      | tee "$OUT/kernels.log"
+    if [ -n "$ON_CPU" ]; then  # a smoke test: the fused token op's two CPU benchmarks run once, unmeasured
+      "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-disable -k "not cpu or reconstruct_merge" 2>&1 \
+        | tee "$OUT/kernels.log"
+    else
+      "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-json "$OUT/kernels.json" 2>&1 \
+        | tee "$OUT/kernels.log"
+    fi
     ;;
   compare)
     ARGS=(--device cuda --batch 256 --dtype bf16 --models deit_tiny,deit_small,deit_base --compile
@@ -59,7 +66,7 @@ case "${1:-}" in
     if [ -n "$ON_CPU" ]; then  # the GPU command line must still parse; the run itself is cut down
       "$PY" -c "import sys; from bench import compare; compare.parse_args(sys.argv[1:]); print('GPU arguments parse')" \
         "${ARGS[@]}" 2>&1 | tee "$OUT/compare.log" || exit 1
-      ARGS=(--device cpu --batch 2 --models deit_tiny --keep-rates 0.6 --repeats 1 --warmup 1 --iters 1 --threads 1
+      ARGS=(--device cpu --batch 2 --models test_vit --keep-rates 0.6 --repeats 1 --warmup 1 --iters 1 --threads 1
             --out "$OUT/compare_cpu_check.json")
     fi
     "$PY" bench/compare.py "${ARGS[@]}" 2>&1 | tee -a "$OUT/compare.log"

@@ -5,9 +5,10 @@ weights: speed and MACs do not depend on them), dense with transformers' SDPA at
 compressed at each ``--keep-rates`` on random scores (SPEC §4 search, prune rate 0.1) and folded by
 ``pm_kernels.optimize`` (same call, same ``ImageClassifierOutput``). CPU, fp32, ``torch.inference_mode``.
 
-Timing: every model is built and warmed up first; then, per batch size, the models are timed round-robin
-(``--repeats`` rounds, ``--iters`` forwards each per round: ``bench.compare.time_once``); images/s = median over
-rounds. MACs: ``pm_kernels.budget.pm_macs`` (1 MAC = 1 FLOP). Reported per keep rate and batch: the speed-up
+Timing: every model is built and warmed up first; then, per batch size, the models are timed interleaved
+(``pm_kernels.measure.time_interleaved``: ``--repeats`` rounds, ``--iters`` forwards each per round); images/s =
+median over rounds, with the spread. MACs: ``pm_kernels.measure.analytic_macs`` (1 MAC = 1 FLOP). Reported per
+keep rate and batch: the speed-up
 over dense, the MAC ratio (dense MACs / PM MACs: the speed-up the MAC count promises) and their quotient (the
 issue's target: ≥ 0.95 at batch 8). The machine's load average is recorded before and after: on a shared CPU it
 is part of the result.
@@ -16,10 +17,7 @@ is part of the result.
 """
 import argparse
 import copy
-import datetime as _dt
-import json
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +26,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.compare import _device_name, _versions, time_once  # noqa: E402
+from pm_kernels.measure import analytic_macs, environment, finish_environment, forward, time_interleaved  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
 
 VIT_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                  image_size=224, patch_size=16, num_labels=1000)
@@ -57,20 +56,17 @@ def build(args):
     """[(name, keep rate, model, MACs per image)]: the dense model, then one optimize form per keep rate."""
     import transformers
     import pm_kernels
-    from pm_kernels.budget import pm_macs
 
     torch.manual_seed(args.seed)
     dense = transformers.ViTForImageClassification(transformers.ViTConfig(**VIT_SMALL)).eval()
     assert dense.config._attn_implementation == "sdpa", dense.config._attn_implementation
     n_layers, n_patches = VIT_SMALL["num_hidden_layers"], (224 // 16) ** 2
-    dense_macs = pm_macs(dense, [n_patches + 1] * n_layers)
-    models = [("dense (HF, SDPA)", None, dense, dense_macs)]
+    models = [("dense (HF, SDPA)", None, dense, analytic_macs(dense))]
     g = torch.Generator().manual_seed(args.seed)
     for keep in args.keep_rates:
         pm = pm_kernels.compress(copy.deepcopy(dense), torch.rand(n_layers, n_patches, generator=g) + 1e-3,
                                  keep_rate=keep, prune_rate=0.1)
-        kept = [layer.num_kept(n_patches + 1) for layer in pm_kernels.host_of(pm).layers(pm)]
-        models.append((f"PM optimize keep {keep:g}", keep, pm_kernels.optimize(pm), pm_macs(pm, kept)))
+        models.append((f"PM optimize keep {keep:g}", keep, pm_kernels.optimize(pm), analytic_macs(pm)))
     return models
 
 
@@ -78,54 +74,37 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
-    env = {
-        "device": _device_name(torch.device("cpu")), "device_type": "cpu", "dtype": "fp32",
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "versions": dict(_versions(), transformers=transformers.__version__),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "loadavg_start": list(os.getloadavg()),
-        "model": "transformers ViTForImageClassification, ViT-S/16 config, random weights",
-        "timing": "torch.inference_mode wall clock; all models built and warmed up, then timed round-robin "
-                  "(repeats x models, iters forwards each); images/s = median over repeats",
-        "macs": "pm_kernels.budget.pm_macs (1 MAC = 1 FLOP)",
-        "repeats": args.repeats, "iters": dict(zip(args.batches, args.iters)), "warmup": args.warmup,
-    }
+    env = environment("cpu", dtype="fp32", transformers=transformers.__version__,
+                      model="transformers ViTForImageClassification, ViT-S/16 config, random weights",
+                      timing="pm_kernels.measure.time_interleaved: all models built and warmed up, then timed in "
+                             "interleaved rounds (iters forwards each); images/s = median over rounds",
+                      macs="pm_kernels.measure.analytic_macs (1 MAC = 1 FLOP)", repeats=args.repeats,
+                      iters=dict(zip(args.batches, args.iters)), warmup=args.warmup)
     models = build(args)
     rows = []
     for batch, iters in zip(args.batches, args.iters):
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-        with torch.inference_mode():
-            for _, _, model, _ in models:
-                for _ in range(args.warmup):
-                    model(x)
-        runs = [[] for _ in models]
-        for rnd in range(args.repeats):
-            for i, (name, _, model, _) in enumerate(models):
-                runs[i].append(time_once(model, x, x.device, iters))  # model(x): pixel_values
-            print(f"batch {batch} round {rnd + 1}/{args.repeats}: "
-                  + ", ".join(f"{m[0]} {r[-1]:.1f}" for m, r in zip(models, runs)), flush=True)
-        dense_ips, dense_macs = statistics.median(runs[0]), models[0][3]
-        for (name, keep, _, macs), times in zip(models, runs):
-            ips = statistics.median(times)
-            row = {"model": name, "keep_rate": keep, "batch": batch, "images_per_s": ips,
-                   "images_per_s_min_max": [min(times), max(times)], "gmacs": macs / 1e9}
+        rates = time_interleaved({name: forward(model, x) for name, _, model, _ in models}, items=batch,
+                                 rounds=args.repeats, calls=iters, warmup=args.warmup,
+                                 log=lambda line: print(f"batch {batch} {line}", flush=True))
+        dense_name, dense_macs = models[0][0], models[0][3]
+        for name, keep, _, macs in models:
+            r = rates[name]
+            row = {"model": name, "keep_rate": keep, "batch": batch, **r.to_dict(),
+                   "images_per_s_min_max": list(r.spread), "gmacs": macs / 1e9}
             if keep is not None:
-                row["speedup"] = ips / dense_ips
+                row["speedup"] = r.median / rates[dense_name].median
                 row["mac_ratio"] = dense_macs / macs  # the speed-up the MAC count promises
                 row["speedup_over_mac_ratio"] = row["speedup"] / row["mac_ratio"]
             rows.append(row)
-    env["loadavg_end"] = list(os.getloadavg())
-    result = {"env": env, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"env": finish_environment(env), "rows": rows}
+    save_json(result, args.out)
     for r in rows:
         extra = "" if r["keep_rate"] is None else (f"  speed-up {r['speedup']:.3f}  MAC ratio {r['mac_ratio']:.3f}"
                                                    f"  speed-up / MAC ratio {r['speedup_over_mac_ratio']:.3f}")
         print(f"batch {r['batch']}  {r['model']:<22} {r['images_per_s']:8.2f} img/s  {r['gmacs']:.3f} GMACs{extra}")
-    print(f"wrote {args.out} (load average {env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f} on "
-          f"{env['cpu_count']} cores)")
+    print(f"wrote {args.out} (load average {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f} "
+          f"on {env['cpu_count']} cores)")
     return result
 
 

@@ -52,8 +52,9 @@ def _seeds(text: str):
 
 
 def _env(threads: int) -> dict:
-    from bench.compare import _versions
-    return {"threads": threads, "loadavg": list(os.getloadavg()), "versions": _versions()}
+    from pm_kernels.measure import environment
+    torch.set_num_threads(threads)
+    return environment("cpu")
 
 
 def _variant_files(results: str, names) -> dict:

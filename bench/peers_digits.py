@@ -1,6 +1,6 @@
 """Accuracy side-by-side on the digits task (issue 6): Prune-and-Merge vs ToMe vs EViT at matched GMACs.
 
-1. The digits demo (``pm_kernels.pipeline.demo.run_demo``, its defaults, fixed seed) runs once, into a
+1. The digits demo (``pm_kernels.pipeline.demo.run_demo``, the classification task's defaults) runs once, into a
    scratch folder: it trains the dense digits ViT, calibrates, compresses at each keep rate (0.6, 0.4) and
    fine-tunes PM with distillation from the dense model. Its checkpoints (``dense.pth``,
    ``pm_keep*.pth``) are loaded back: the PM rows are the demo's own models.
@@ -10,10 +10,10 @@
    model's analytic GMACs, built on the same dense weights (a plain timm ``VisionTransformer``), and
    fine-tuned with the PM run's exact ``TrainConfig`` (read back from its checkpoint: same epochs, lr,
    batch, seed, distillation α and T) from the same dense teacher.
-3. Every row is evaluated on the held-out split: top-1, GMACs (analytic, ``bench/peers/flops.py``,
-   1 MAC = 1 FLOP, overheads included: PM's merge / reconstruct, ToMe's matching, EViT's fusion; the
-   FlopCounterMode count / 2 is kept in the JSON as a cross-check) and CPU images/s (same thread count and
-   batch for all; every model timed once per round, rounds interleaved, median over rounds).
+3. Every row is evaluated on the held-out split: top-1, GMACs (analytic, 1 MAC = 1 FLOP, overheads included:
+   PM's merge / reconstruct by ``pm_kernels.measure``, ToMe's matching and EViT's fusion by
+   ``bench/peers/flops.py``; the traced count is kept in the JSON as a cross-check) and CPU images/s
+   (``pm_kernels.measure.time_interleaved``: same thread count and batch for all, interleaved rounds, median).
    The dense row is the plain timm ViT with the dense weights (the PM-identity copy computes the same
    function but pays for M = R = I products).
 
@@ -23,64 +23,30 @@ Writes the JSON and the same path with ``.png`` (top-1 vs GMACs, dense marked).
 """
 import argparse
 import copy
-import datetime as _dt
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 
-import sklearn
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.peers import (default_locations, dense_flops, dims_from_model, evit_flops,  # noqa: E402
-                         match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, pm_flops, tome_flops)
-from bench.compare import _versions  # noqa: E402
-from bench.peers.flops import pm_token_counts  # noqa: E402
-from pm_kernels.pipeline.data import load_data, make_loader  # noqa: E402
-from pm_kernels.pipeline.demo import DemoConfig, run_demo  # noqa: E402
-from pm_kernels.pipeline.evaluate import accuracy, gflops, throughput  # noqa: E402
+from bench.common import plain_vit  # noqa: E402
+from bench.peers import (default_locations, dense_flops, dims_from_model, match_evit_keep_rate,  # noqa: E402
+                         match_tome_r, patch_evit, patch_tome)
+from pm_kernels.measure import (analytic_macs, environment, finish_environment, forward, kept_tokens,  # noqa: E402
+                                time_interleaved, traced_macs)
+from pm_kernels.pipeline.demo import run_demo  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
-from pm_kernels.pipeline.model import load_model  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
+from pm_kernels.pipeline.tasks import TASKS  # noqa: E402
+from pm_kernels.pipeline.tasks.classification import accuracy  # noqa: E402
 
+TASK = TASKS["classification"]
 INPUT = (1, 32, 32)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def plain_vit(pm_dense: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
-    """A plain timm ``VisionTransformer`` with the weights of the dense (identity-structure) PM model."""
-    from timm.models.vision_transformer import VisionTransformer
-    vit = VisionTransformer(**kwargs)
-    sd = {k: v for k, v in pm_dense.state_dict().items() if k.rsplit(".", 1)[-1] not in ("M", "R", "keep_mask")}
-    vit.load_state_dict(sd, strict=True)
-    return vit.eval()
-
-
-def interleaved_speed(models, batch: int, rounds: int, min_time: float, in_shape=INPUT, warmup: int = 3):
-    """images/s per model: each round times every model once (no-grad forwards of ``in_shape`` images for
-    ``min_time`` s; ``warmup`` forwards in the first round)."""
-    runs = [[] for _ in models]
-    for rnd in range(rounds):
-        for i, m in enumerate(models):
-            runs[i].append(throughput(m, in_shape, batch, "cpu", warmup=warmup if rnd == 0 else 1, repeats=1,
-                                      min_time=min_time))
-    return runs
 
 
 def format_rows(rows) -> str:
@@ -119,10 +85,11 @@ def plot(result, path: str) -> None:
     ax.set_xlabel("MMACs / image (analytic, 1 MAC = 1 FLOP)")
     ax.set_ylabel("top-1 on the held-out split (%)")
     env = result["env"]
+    load = env.get("load_average_start", env.get("loadavg_start"))
     ax.set_title(f"digits ViT (4 blocks, 65 tokens), {result['n_test']} test images, seed {result['config']['seed']}:"
                  f"\nall fine-tuned {result['config']['ft_epochs']:g} epochs with distillation from the same dense "
                  f"model\n[CPU] {env['cpu_name']}, {env['threads']} thread(s), load average "
-                 f"{env['loadavg_start'][0]:.1f} on {env['cpu_count']} cores (shared)", fontsize=7)
+                 f"{load[0]:.1f} on {env['cpu_count']} cores (shared)", fontsize=7)
     ax.margins(y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -147,13 +114,10 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    cfg = DemoConfig()
-    if args.quick:
-        from pm_kernels.pipeline.demo import QUICK
-        cfg = DemoConfig(**QUICK)
+    cfg = TASK.demo_config(quick=args.quick)
     if args.seed is not None:
         cfg.seed = args.seed
-    loadavg_start = list(os.getloadavg())
+    env = environment("cpu")
 
     work_ctx = tempfile.TemporaryDirectory(prefix="peers_digits_") if args.work is None else None
     work = work_ctx.name if work_ctx else args.work
@@ -162,15 +126,15 @@ def main(argv=None):
 
     # 1. the demo: dense training, calibration, PM compression + distillation fine-tuning
     t = time.perf_counter()
-    demo = run_demo(work, cfg, device="cpu", progress=False, log=lambda m: print(f"[demo] {m}", flush=True))
+    demo = run_demo(TASK, work, cfg, device="cpu", progress=False, log=lambda m: print(f"[demo] {m}", flush=True))
     timings["demo_s"] = time.perf_counter() - t
 
-    dense_pm, meta = load_model(os.path.join(work, "dense.pth"))
+    dense_pm, meta = TASK.load(os.path.join(work, "dense.pth"))
     kwargs = meta["model_kwargs"]
     dense = plain_vit(dense_pm, kwargs)
     d = dims_from_model(dense)
-    data = load_data("digits", seed=cfg.seed)
-    test_loader = make_loader(data.test, 256, train=False)
+    data = TASK.demo_data(cfg)
+    test_loader = TASK.eval_loader(data, 256)
     locs = default_locations(d.depth) if args.evit_locations is None else \
         [int(s) for s in args.evit_locations.split(",") if s]
 
@@ -178,7 +142,8 @@ def main(argv=None):
 
     def add(method, keep, model, gmacs, setting, extra=None):
         row = {"method": method, "keep_rate": keep, "gmacs": gmacs, "setting": setting,
-               "top1": accuracy(model, test_loader, "cpu"), "gmacs_flopcounter": gflops(model, INPUT, "cpu") / 2}
+               "top1": accuracy(model, test_loader, "cpu"),
+               "gmacs_flopcounter": traced_macs(model, torch.zeros(1, *INPUT)) / 1e9}
         row.update(extra or {})
         rows.append(row)
         models.append(model)
@@ -190,11 +155,11 @@ def main(argv=None):
 
     demo_rows = {r["model"]: r for r in demo["rows"]}
     for keep in cfg.keep_rates:
-        pm, pm_meta = load_model(os.path.join(work, f"pm_keep{keep:g}.pth"))
+        pm, pm_meta = TASK.load(os.path.join(work, f"pm_keep{keep:g}.pth"))
         pm.eval()
         ft_cfg = TrainConfig(**pm_meta["train"]["config"])
-        target = pm_flops(pm)
-        ks = pm_token_counts(pm)
+        target = analytic_macs(pm) / 1e9
+        ks = kept_tokens(pm)
         demo_row = demo_rows[f"PM keep {keep:g}"]
         add("PM", keep, pm, target, f"K per block {ks} (N = {d.num_tokens})",
             {"K_per_layer": ks, "prune_rate": cfg.prune_rate, "top1_before_finetune": demo_row["top1_before_finetune"],
@@ -222,12 +187,13 @@ def main(argv=None):
 
     # 3. speed: interleaved rounds, same batch and threads for every model
     t = time.perf_counter()
-    runs = interleaved_speed(models, cfg.batch_size, args.rounds, args.min_time)
+    x = torch.randn(cfg.batch_size, *INPUT)
+    rates = time_interleaved({i: forward(m, x) for i, m in enumerate(models)}, items=cfg.batch_size,
+                             rounds=args.rounds, min_time=args.min_time, warmup=3)
     timings["speed_s"] = time.perf_counter() - t
     dense_row = rows[0]
-    for row, rr in zip(rows, runs):
-        row["images_per_s_runs"] = rr
-        row["images_per_s"] = statistics.median(rr)
+    for i, row in enumerate(rows):
+        row.update(rates[i].to_dict())
     for row in rows:
         row["delta_top1"] = row["top1"] - dense_row["top1"]
         row["speedup"] = row["images_per_s"] / dense_row["images_per_s"]
@@ -247,24 +213,19 @@ def main(argv=None):
     result = {
         "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + list(
             sys.argv[1:] if argv is None else argv)),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(),
-                "threads": torch.get_num_threads(), "loadavg_start": loadavg_start,
-                "loadavg_end": list(os.getloadavg()), "versions": dict(_versions(), sklearn=sklearn.__version__)},
+        "env": finish_environment(env),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
         "finetune_config": ft_cfg.__dict__ if cfg.keep_rates else None,
         "evit_locations": locs,
-        "gmacs_counter": "analytic, bench/peers/flops.py (1 MAC = 1 FLOP; PM merge/reconstruct, ToMe matching, "
-                         "EViT fusion included); gmacs_flopcounter = FlopCounterMode FLOPs / 2 (cross-check)",
+        "gmacs_counter": "analytic (1 MAC = 1 FLOP): PM pm_kernels.measure (merge/reconstruct included), ToMe / EViT "
+                         "bench/peers/flops.py (matching, fusion included); gmacs_flopcounter = traced (cross-check)",
         "speed": {"batch": cfg.batch_size, "rounds": args.rounds, "min_time_s": args.min_time,
-                  "how": "no-grad forwards of a random batch; each round times every model once; median"},
+                  "how": "pm_kernels.measure.time_interleaved: no-grad forwards of a random batch; each round times "
+                         "every model once, the order reversed every other round; median"},
         "n_train": len(data.train), "n_test": len(data.test),
         "rows": rows, "table": table, "target_PM_at_least_as_accurate": target, "timings": timings,
     }
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    out = save_json(result, os.path.abspath(args.out))
     png = os.path.splitext(out)[0] + ".png"
     plot(result, png)
     for k, v in target.items():

@@ -25,7 +25,6 @@ the other's speed along its dense → keep 0.7 → keep 0.5 curve).
 """
 import argparse
 import copy
-import datetime as _dt
 import itertools
 import json
 import os
@@ -41,16 +40,14 @@ if _ROOT not in sys.path:
 
 import pm_kernels  # noqa: E402
 from pm_kernels import Segmenter  # noqa: E402
-from pm_kernels.budget import pm_macs  # noqa: E402
+from pm_kernels.measure import environment, finish_environment, forward, pm_macs, time_interleaved  # noqa: E402
+from pm_kernels.measure import traced_macs  # noqa: E402
 from pm_kernels.pipeline.data import cycle_batches, make_loader  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
-from pm_kernels.pipeline.seg_data import digits_segmentation  # noqa: E402
-from pm_kernels.pipeline.seg_demo import seg_loss  # noqa: E402
-from pm_kernels.pipeline.segmentation import segmentation_metrics  # noqa: E402
-from bench.compare import _versions  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation import seg_loss, segmentation_metrics  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation_data import digits_segmentation  # noqa: E402
 from bench.peers.tome_windowed import patch_tome_windowed, tome_windowed_macs, tome_windowed_tokens  # noqa: E402
-from bench.peers_digits import cpu_name, interleaved_speed  # noqa: E402
-from bench.seg_speed import macs  # noqa: E402  (GMACs by FlopCounterMode)
 
 SAM_SEG_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
                       window_size=4, global_attn_indexes=(1, 3), use_rel_pos=True, neck_chans=0, num_classes=0)
@@ -70,15 +67,12 @@ def sam_segmenter(patched: bool) -> Segmenter:
 
 
 def decoder_gmacs(seg: Segmenter) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        seg.decoder.eval()(torch.zeros(1, GRID[0] * GRID[1], SAM_SEG_KWARGS["embed_dim"]), GRID)
-    return counter.get_total_flops() / 2e9
+    tokens = torch.zeros(1, GRID[0] * GRID[1], SAM_SEG_KWARGS["embed_dim"])
+    return traced_macs(lambda t: seg.decoder.eval()(t, GRID), tokens) / 1e9
 
 
 def traced_gmacs(model) -> float:
-    return macs(model.eval(), torch.zeros(1, 1, 32, 32))
+    return traced_macs(model, torch.zeros(1, 1, 32, 32)) / 1e9
 
 
 def match_r(plain_backbone, target_macs: float):
@@ -104,6 +98,7 @@ def plain_copy(dense: Segmenter) -> Segmenter:
 
 
 def run_seed(seed: int, out: str, keep_rates, quick: bool = False):
+    env = environment("cpu")
     t0 = time.perf_counter()
     timings = {}
     data = digits_segmentation(img_size=32, n_train=64 if quick else 4000, n_val=16 if quick else 300)
@@ -157,18 +152,14 @@ def run_seed(seed: int, out: str, keep_rates, quick: bool = False):
                  tokens_per_window=tome_windowed_tokens(SAM_SEG_KWARGS["window_size"] ** 2, r)))
     timings["total_s"] = time.perf_counter() - t0
     result = {"command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + sys.argv[1:]),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed,
-              "env": {"device_type": "cpu", "cpu_name": cpu_name(), "threads": torch.get_num_threads(),
-                      "versions": _versions()},
+              "seed": seed, "env": finish_environment(env),
               "backbone": {k: list(v) if isinstance(v, tuple) else v for k, v in SAM_SEG_KWARGS.items()},
               "dense_train": DENSE, "finetune": FINETUNE, "calibration": "20 batches of 32, per-pixel CE",
               "compress": "per_layer thresholds, prune_rate 0", "n_train": len(data.train), "n_val": len(data.test),
               "gmacs": "backbone: pm_macs (PM), tome_windowed_macs (ToMe), pm_macs of the identity (dense); + the "
                        "decoder (FlopCounterMode); traced_gmacs: FlopCounterMode of what runs (PM: optimize)",
               "rows": rows, "timings": timings}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(result, os.path.abspath(out))
     print(f"wrote {out} ({timings['total_s']:.0f} s)")
 
 
@@ -206,7 +197,7 @@ def summarise(files, out: str, rounds: int):
                                     "ToMe_minus_dense": diff(("ToMe", keep), ("dense", None))}
     # speed: fresh models (random weights, the structures every seed has), interleaved rounds
     torch.set_num_threads(1)
-    load_start = list(os.getloadavg())
+    env = environment("cpu")
     dense = sam_segmenter(patched=True).eval()
     models = {"dense": dense}
     scores = torch.rand(SAM_SEG_KWARGS["depth"], GRID[0] * GRID[1]) + 0.1
@@ -217,12 +208,13 @@ def summarise(files, out: str, rounds: int):
         tome = plain_copy(dense)
         patch_tome_windowed(tome.backbone, table[f"ToMe keep {keep:g}"]["r_per_block"])
         models[f"ToMe keep {keep:g}"] = tome.eval()
-    speed_runs = interleaved_speed(list(models.values()), 32, rounds, 0.3, in_shape=(1, 32, 32), warmup=2)
-    speed = {name: statistics.median(r) for name, r in zip(models, speed_runs)}
-    for name, ips in speed.items():
-        table[name]["images_per_s"] = ips
-        table[name]["speedup"] = ips / speed["dense"]
-        table[name]["images_per_s_runs"] = speed_runs[list(models).index(name)]
+    x = torch.randn(32, 1, 32, 32)
+    rates = time_interleaved({name: forward(m, x) for name, m in models.items()}, items=32, rounds=rounds,
+                             min_time=0.3, warmup=2)
+    speed = {name: r.median for name, r in rates.items()}
+    for name, r in rates.items():
+        table[name].update(r.to_dict())
+        table[name]["speedup"] = r.median / speed["dense"]
     equal_speed = {}
     for method, other in (("PM", "ToMe"), ("ToMe", "PM")):
         curve = [(speed["dense"], table["dense"]["miou"]["mean"])] + [
@@ -247,15 +239,12 @@ def summarise(files, out: str, rounds: int):
     text = "\n".join(lines)
     print(text)
     result = {"command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + sys.argv[1:]),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "seeds": [run["seed"] for run in runs], "files": [os.path.relpath(f, _ROOT) for f in files],
-              "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(), "threads": 1,
-                      "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()), "versions": _versions()},
+              "env": finish_environment(env),
               "speed": {"batch": 32, "rounds": rounds, "min_time_s": 0.3,
                         "how": "no-grad forwards of a random batch; each round times every model once; median"},
               "table": table, "paired": paired, "equal_speed": equal_speed, "text": text}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(result, os.path.abspath(out))
     print(f"wrote {out}")
 
 

@@ -17,10 +17,7 @@ The CPU is shared: the load average at start and end is recorded.
 """
 import argparse
 import copy
-import datetime as _dt
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,23 +28,16 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pm_kernels  # noqa: E402
-from pm_kernels.budget import pm_macs  # noqa: E402
-from bench.compare import _versions  # noqa: E402
-from bench.peers_digits import cpu_name  # noqa: E402
-from bench.seg_speed import macs as traced_gmacs  # noqa: E402  (GMACs by FlopCounterMode of what runs)
-
-
-def seconds(fn, x) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        fn(x)
-        return time.perf_counter() - start
+from pm_kernels.measure import environment, finish_environment, forward, pm_macs, time_interleaved  # noqa: E402
+from pm_kernels.measure import traced_macs  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="samvit_base_patch16")
+    p.add_argument("--img-size", type=int, default=1024, help="image side (1024: SAM's)")
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -57,9 +47,9 @@ def main(argv=None):
     import timm
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load_start = list(os.getloadavg())
+    env = environment("cpu")
     t0 = time.perf_counter()
-    dense = timm.create_model(args.model, pretrained=False).eval()
+    dense = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     pm = pm_kernels.patch(copy.deepcopy(dense))
     grid = tuple(dense.patch_embed.grid_size)
     size = (grid[0] * dense.patch_embed.patch_size[0], grid[1] * dense.patch_embed.patch_size[1])
@@ -70,7 +60,7 @@ def main(argv=None):
     n = grid[0] * grid[1]
     dense_macs = pm_macs(pm, [n] * len(pm.blocks)) / 1e9
     models = {"dense": dense.forward_features}
-    info = {"dense": {"gmacs": dense_macs, "traced_gmacs": traced_gmacs(dense.forward_features, x)}}
+    info = {"dense": {"gmacs": dense_macs, "traced_gmacs": traced_macs(dense.forward_features, x) / 1e9}}
     for keep in args.keep_rates:
         model = copy.deepcopy(pm)
         pm_kernels.compress(model, scores, keep_rate=keep)
@@ -78,7 +68,7 @@ def main(argv=None):
         name = f"PM keep {keep:g}"
         models[name] = fast.forward_features
         kept = [b.num_kept(n) for b in model.blocks]
-        info[name] = {"gmacs": pm_macs(model, kept) / 1e9, "traced_gmacs": traced_gmacs(fast.forward_features, x),
+        info[name] = {"gmacs": pm_macs(model, kept) / 1e9, "traced_gmacs": traced_macs(fast.forward_features, x) / 1e9,
                       "kept_tokens_per_block": kept,
                       "K_per_window": [None if b.M is None else b.M.shape[1] for b in model.blocks],
                       "empty_slots_per_block": [int((b.centre_slot < 0).sum()) for b in model.blocks],
@@ -88,21 +78,16 @@ def main(argv=None):
         info[name]["max_abs_diff_optimize_vs_pm_model"] = err
     setup_s = time.perf_counter() - t0
 
-    runs = {name: [] for name in models}
-    for fn in models.values():  # warm-up
-        seconds(fn, x)
-    for rnd in range(args.rounds):
-        for name, fn in models.items():
-            runs[name].append(seconds(fn, x))
-        print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs.items())
-              + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    # one forward per case per round (a forward is seconds), the order reversed on odd rounds
+    rates = time_interleaved({name: forward(fn, x) for name, fn in models.items()}, rounds=args.rounds, calls=1,
+                             warmup=1, log=lambda line: print(f"{line} (load {os.getloadavg()[0]:.1f})", flush=True))
     rows = []
-    dense_s = statistics.median(runs["dense"])
+    dense_s = 1.0 / rates["dense"].median
     for name in models:
-        s = statistics.median(runs[name])
+        s = 1.0 / rates[name].median
         ratio = dense_macs / info[name]["gmacs"]
         rows.append({"model": name, "gmacs": info[name]["gmacs"], "traced_gmacs": info[name]["traced_gmacs"],
-                     "seconds_median": s, "seconds_runs": runs[name], "speedup": dense_s / s, "mac_ratio": ratio,
+                     "seconds_median": s, **rates[name].to_dict(), "speedup": dense_s / s, "mac_ratio": ratio,
                      "speedup_over_mac_ratio": dense_s / s / ratio})
     lines = [f"{'model':<12} {'GMACs':>7} {'traced':>7} {'s/img':>7} {'speed-up':>8} {'MAC ratio':>9} {'ratio':>6}"]
     for r in rows:
@@ -113,9 +98,7 @@ def main(argv=None):
     result = {
         "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + list(
             sys.argv[1:] if argv is None else argv)),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
-                "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()), "versions": _versions()},
+        "env": finish_environment(env),
         "setup": {"model": args.model, "weights": "random (timm, pretrained=False)", "image": list(size),
                   "tokens": n, "mode": "eager fp32, torch.no_grad, batch 1, forward_features (neck output)",
                   "calibration": "1 random image, loss mean(neck output²)", "calibrate_s": calibrate_s,
@@ -123,9 +106,7 @@ def main(argv=None):
         "rows": rows,
         "table": table,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(result, os.path.abspath(args.out))
     print(f"wrote {args.out}")
 
 

@@ -25,9 +25,9 @@ if _ROOT not in sys.path:
 
 from pm_kernels.pipeline.data import make_loader  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
-from pm_kernels.pipeline.seg_data import digits_segmentation  # noqa: E402
-from pm_kernels.pipeline.seg_demo import seg_loss  # noqa: E402
-from pm_kernels.pipeline.segmentation import load_segmenter, segmentation_metrics  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation import load_segmenter, seg_loss, segmentation_metrics  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation_data import digits_segmentation  # noqa: E402
 
 
 def main(argv=None):
@@ -61,8 +61,7 @@ def main(argv=None):
         row, command="python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + list(
             sys.argv[1:] if argv is None else argv)),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), finetune_config=ft_cfg.__dict__)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(result, args.json)
     print(f"seed {cfg['seed']}: dense {base['miou']:.2f} → dense+FT {m['miou']:.2f} mIoU ({elapsed:.0f} s); "
           f"wrote {args.json}")
 

@@ -1,6 +1,6 @@
 """Segmentation side by side (issue 12): Prune-and-Merge vs ToMe-with-unmerge at matched GMACs, digits canvases.
 
-1. The segmentation demo (``pm_kernels.pipeline.seg_demo.run_seg_demo``, its defaults, ``--seed``) runs into
+1. The segmentation demo (``pm_kernels.pipeline.demo.run_demo`` of the segmentation task, ``--seed``) runs into
    ``--work`` (or is reused from there when that folder holds a finished run of the same seed): dense Segmenter
    trained, calibrated, compressed per layer at keep 0.8 / 0.7 / 0.5, fine-tuned with per-pixel distillation.
 2. For each keep rate, ToMe with unmerge (``bench/peers/tome_seg.py``: ToMe's merging in every block, merged
@@ -9,8 +9,8 @@
    counted), is built on the same dense weights (plain timm ViT + the same decoder) and fine-tuned with the PM
    run's exact ``TrainConfig`` from the same dense teacher (per-pixel CE + per-pixel KL).
 3. Every row on the fixed validation canvases: mIoU, pixel accuracy, GMACs (analytic backbone + the decoder, and
-   FlopCounterMode / 2 as a cross-check), CPU images/s (PM through ``optimize``; same batch and threads; each
-   round times every model once, median over rounds).
+   the traced count as a cross-check), CPU images/s (PM through ``optimize``; same batch and threads;
+   ``pm_kernels.measure.time_interleaved``, median over rounds).
 
     python bench/seg_peers.py --seed 0 --work runs/seg_seed0 --out bench/results/seg_seeds/seed0.json
 
@@ -18,10 +18,8 @@
 """
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,52 +29,51 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.compare import _versions  # noqa: E402
-from bench.peers import dense_flops, dims_from_model, match_tome_r, pm_flops  # noqa: E402
-from bench.peers.flops import pm_token_counts, tome_flops  # noqa: E402
+from bench.common import plain_segmenter  # noqa: E402
+from bench.peers import dense_flops, dims_from_model, match_tome_r  # noqa: E402
+from bench.peers.flops import tome_flops  # noqa: E402
 from bench.peers.tome_seg import patch_tome_seg  # noqa: E402
-from bench.peers_digits import cpu_name, interleaved_speed  # noqa: E402
-from pm_kernels import Segmenter, optimize  # noqa: E402
+from pm_kernels import optimize  # noqa: E402
+from pm_kernels.measure import (analytic_macs, environment, finish_environment, forward, kept_tokens,  # noqa: E402
+                                time_interleaved, traced_macs)
 from pm_kernels.pipeline.data import make_loader  # noqa: E402
-from pm_kernels.pipeline.evaluate import gflops  # noqa: E402
+from pm_kernels.pipeline.demo import run_demo  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, train  # noqa: E402
-from pm_kernels.pipeline.seg_data import digits_segmentation  # noqa: E402
-from pm_kernels.pipeline.seg_demo import SEG_QUICK, SegDemoConfig, run_seg_demo, seg_loss  # noqa: E402
-from pm_kernels.pipeline.segmentation import load_segmenter, segmentation_metrics  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
+from pm_kernels.pipeline.tasks import TASKS  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation import load_segmenter, seg_loss, segmentation_metrics  # noqa: E402
+from pm_kernels.pipeline.tasks.segmentation_data import digits_segmentation  # noqa: E402
+
+TASK = TASKS["segmentation"]
 
 
-def plain_segmenter(dense: Segmenter, kwargs: dict) -> Segmenter:
-    """The dense segmenter on a plain timm ``VisionTransformer`` (no PM classes), same weights."""
-    from timm.models.vision_transformer import VisionTransformer
-    depth = len(dense.decoder.blocks) if hasattr(dense.decoder, "blocks") else 2
-    seg = Segmenter(VisionTransformer(**kwargs), dense.num_classes, dense.decoder_name, decoder_depth=depth,
-                    dropout=0.0)
-    seg.load_state_dict(dense.state_dict(), strict=True)
-    return seg.eval()
-
-
-def decoder_gmacs(seg: Segmenter, in_shape) -> float:
+def decoder_gmacs(seg, in_shape) -> float:
     """MACs of the decoder alone (the same for every backbone: all patch tokens reach it)."""
-    from torch.utils.flop_counter import FlopCounterMode
     h, w = (s // p for s, p in zip(in_shape[1:], seg.patch_size))
     tokens = torch.zeros(1, h * w, seg.backbone.embed_dim)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        seg.decoder.eval()(tokens, (h, w))
-    return counter.get_total_flops() / 2e9
+    return traced_macs(lambda t: seg.decoder.eval()(t, (h, w)), tokens) / 1e9
 
 
-def _reuse_or_run(work: str, cfg: SegDemoConfig):
+def flat_config(cfg) -> dict:
+    """The demo config with its data and model options at the top level (the layout of the seed files)."""
+    flat = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()
+            if k not in ("data_options", "model_options")}
+    return dict(flat, **cfg.data_options, **cfg.model_options)
+
+
+def _reuse_or_run(work: str, cfg):
     path = os.path.join(work, "results.json")
     if os.path.exists(path):
         with open(path) as f:
             demo = json.load(f)
-        same = all(demo.get("config", {}).get(k, 0.0) == getattr(cfg, k) for k in ("seed", "background_noise"))
-        if same and all(
-                os.path.exists(os.path.join(work, f"pm_keep{k:g}.pth")) for k in cfg.keep_rates):
+        done = demo.get("config", {})
+        done = dict(done, **done.get("data_options", {}))  # this layout, or the older flat one
+        same = all(done.get(k, 0.0) == v for k, v in (("seed", cfg.seed),
+                                                       ("background_noise", cfg.data_options["background_noise"])))
+        if same and all(os.path.exists(os.path.join(work, f"pm_keep{k:g}.pth")) for k in cfg.keep_rates):
             print(f"[demo] reusing the finished run in {work}", flush=True)
             return demo
-    return run_seg_demo(work, cfg, device="cpu", progress=False, log=lambda m: print(f"[demo] {m}", flush=True))
+    return run_demo(TASK, work, cfg, device="cpu", progress=False, log=lambda m: print(f"[demo] {m}", flush=True))
 
 
 def main(argv=None):
@@ -95,8 +92,9 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    cfg = SegDemoConfig(seed=args.seed, background_noise=args.background_noise, **(SEG_QUICK if args.quick else {}))
-    loadavg_start = list(os.getloadavg())
+    cfg = TASK.demo_config(quick=args.quick, seed=args.seed)
+    cfg.data_options = dict(cfg.data_options, background_noise=args.background_noise)
+    env = environment("cpu")
     timings = {}
     t = time.perf_counter()
     demo = _reuse_or_run(args.work, cfg)
@@ -106,10 +104,10 @@ def main(argv=None):
     dense_pm.eval()
     dense = plain_segmenter(dense_pm, meta["model_kwargs"])
     d = dims_from_model(dense.backbone)
-    in_shape = (1, cfg.img_size, cfg.img_size)
+    size = cfg.data_options["img_size"]
+    in_shape = (1, size, size)
     dec = decoder_gmacs(dense, in_shape)
-    data = digits_segmentation(img_size=cfg.img_size, n_train=cfg.n_train, n_val=cfg.n_val,
-                               background_noise=cfg.background_noise)
+    data = digits_segmentation(**cfg.data_options)
     val = make_loader(data.test, 64, train=False)
     rows, timed = [], []
 
@@ -117,7 +115,7 @@ def main(argv=None):
         m = segmentation_metrics(runner, val, data.num_classes, "cpu")
         row = {"method": method, "keep_rate": keep, "miou": m["miou"], "pixel_acc": m["pixel_acc"],
                "backbone_gmacs": backbone_gmacs, "gmacs": backbone_gmacs + dec,
-               "gmacs_flopcounter": gflops(runner, in_shape, "cpu") / 2, "setting": setting}
+               "gmacs_flopcounter": traced_macs(runner, torch.zeros(1, *in_shape)) / 1e9, "setting": setting}
         row.update(extra or {})
         rows.append(row)
         timed.append(runner)
@@ -131,8 +129,8 @@ def main(argv=None):
         pm.eval()
         ft_cfg = TrainConfig(**pm_meta["train"]["config"])
         ft_cfg.progress = False
-        target = pm_flops(pm.backbone)
-        ks = pm_token_counts(pm.backbone)
+        target = analytic_macs(pm.backbone) / 1e9
+        ks = kept_tokens(pm.backbone)
         add("PM", keep, pm, optimize(pm), target, f"K per block {ks} (N = {d.num_tokens}), per-layer thresholds",
             {"K_per_layer": ks, "miou_before_finetune": demo_rows[f"PM keep {keep:g}"].get("miou_before_finetune"),
              "miou_in_demo": demo_rows[f"PM keep {keep:g}"]["miou"]})
@@ -152,11 +150,12 @@ def main(argv=None):
              "tome_backbone_gmacs_check": tome_flops(d, r)})
 
     t = time.perf_counter()
-    runs = interleaved_speed(timed, cfg.batch_size, args.rounds, args.min_time, in_shape=in_shape, warmup=2)
+    x = torch.randn(cfg.batch_size, *in_shape)
+    rates = time_interleaved({i: forward(m, x) for i, m in enumerate(timed)}, items=cfg.batch_size,
+                             rounds=args.rounds, min_time=args.min_time, warmup=2)
     timings["speed_s"] = time.perf_counter() - t
-    for row, rr in zip(rows, runs):
-        row["images_per_s_runs"] = rr
-        row["images_per_s"] = statistics.median(rr)
+    for i, row in enumerate(rows):
+        row.update(rates[i].to_dict())
     base = rows[0]
     for row in rows:
         row["delta_miou"] = row["miou"] - base["miou"]
@@ -175,26 +174,20 @@ def main(argv=None):
     result = {
         "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + list(
             sys.argv[1:] if argv is None else argv)),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(),
-                "threads": torch.get_num_threads(), "loadavg_start": loadavg_start,
-                "loadavg_end": list(os.getloadavg()), "versions": _versions()},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "env": finish_environment(env),
+        "config": flat_config(cfg),
         "model_kwargs": meta["model_kwargs"],
         "finetune_config": ft_cfg.__dict__ if ft_cfg is not None else None,
-        "gmacs_counter": "analytic backbone (bench/peers/flops.py: 1 MAC = 1 FLOP; PM merge/reconstruct, ToMe "
-                         "matching included) + the decoder (FlopCounterMode / 2, the same for every row); "
-                         "gmacs_flopcounter = FlopCounterMode FLOPs / 2 of what runs (PM: the optimized model)",
+        "gmacs_counter": "analytic backbone (1 MAC = 1 FLOP: PM pm_kernels.measure, merge/reconstruct included; "
+                         "ToMe bench/peers/flops.py, matching included) + the decoder (traced, the same for every "
+                         "row); gmacs_flopcounter = traced count of what runs (PM: the optimized model)",
         "speed": {"batch": cfg.batch_size, "input": list(in_shape), "rounds": args.rounds,
-                  "min_time_s": args.min_time, "how": "no-grad forwards of a random batch; each round times "
-                                                      "every model once; median"},
+                  "min_time_s": args.min_time, "how": "pm_kernels.measure.time_interleaved: no-grad forwards of a "
+                                                      "random batch; interleaved rounds; median"},
         "n_train": len(data.train), "n_val": len(data.test), "rows": rows, "table": table, "compare": compare,
         "timings": timings,
     }
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    out = save_json(result, os.path.abspath(args.out))
     for k, v in compare.items():
         print(f"{k}: PM {v['PM_miou']:.2f} vs ToMe {v['ToMe_miou']:.2f} mIoU (PM - ToMe {v['PM_minus_ToMe']:+.2f}); "
               f"PM - dense {v['PM_minus_dense']:+.2f}")

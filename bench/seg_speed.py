@@ -1,8 +1,8 @@
 """Segmentation speed on the CPU (issue 12): ViT-S/16 at 512×512 (N = 1025), dense vs Prune-and-Merge, eager fp32.
 
 Same mode against same mode: eager, fp32, no_grad, the same batch (1 and 4), threads and device, in one run with
-the models interleaved (each round times every model once; the median over rounds is reported). Next to each
-speed-up, its ceiling: the MAC ratio (FlopCounterMode on the very modules timed; 1 MAC = 2 FLOPs).
+the models interleaved (``pm_kernels.measure.time_interleaved``; the median over rounds is reported). Next to each
+speed-up, its ceiling: the MAC ratio (``pm_kernels.measure.traced_macs`` on the very modules timed).
 
 - backbone: timm ``vit_small_patch16_384`` built at 512² (random weights: speed does not depend on them),
   ``forward_features`` (all N tokens); PM: the same weights compressed with the SPEC §8 per-layer structure at
@@ -19,8 +19,6 @@ The CPU is shared: the load average at start and end is recorded; re-run at a qu
 """
 import argparse
 import copy
-import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -33,28 +31,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pm_kernels  # noqa: E402
-from bench.compare import _versions  # noqa: E402
-from bench.peers_digits import cpu_name  # noqa: E402
-
-
-def macs(fn, x) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn(x)
-    return counter.get_total_flops() / 2e9
-
-
-def time_once(fn, x, min_time: float) -> float:
-    """Images per second of back-to-back no-grad calls lasting at least ``min_time`` seconds."""
-    n, start = 0, time.perf_counter()
-    with torch.no_grad():
-        while True:
-            fn(x)
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                return n * x.shape[0] / elapsed
+from pm_kernels.measure import environment, finish_environment, forward, time_interleaved, traced_macs  # noqa: E402
+from pm_kernels.pipeline.io import save_json  # noqa: E402
 
 
 def structure_build_ms(repeats: int = 3):
@@ -94,7 +72,7 @@ def main(argv=None):
     import timm
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load_start = list(os.getloadavg())
+    env = environment("cpu")
     t0 = time.perf_counter()
     dense_bb = timm.create_model(args.model, pretrained=False, img_size=args.img_size, num_classes=0).eval()
     dense_seg = pm_kernels.Segmenter(dense_bb, args.classes, "mask").eval()
@@ -111,28 +89,24 @@ def main(argv=None):
     setup_s = time.perf_counter() - t0
 
     x1 = torch.randn(1, 3, args.img_size, args.img_size)
-    mac = {name: {"backbone": macs(bb, x1), "whole": macs(whole, x1)} for name, (bb, whole) in models.items()}
+    mac = {name: {"backbone": traced_macs(bb, x1) / 1e9, "whole": traced_macs(whole, x1) / 1e9}
+           for name, (bb, whole) in models.items()}
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
-        runs = {(name, part): [] for name in models for part in ("backbone", "whole")}
-        for name, (bb, whole) in models.items():  # warm-up
-            time_once(bb, x, 0.0)
-            time_once(whole, x, 0.0)
-        for rnd in range(args.rounds):
-            for name, (bb, whole) in models.items():
-                runs[(name, "backbone")].append(time_once(bb, x, args.min_time))
-                runs[(name, "whole")].append(time_once(whole, x, args.min_time))
-            print(f"batch {batch} round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", flush=True)
+        cases = {(name, part): forward(fn, x) for name, fns in models.items()
+                 for part, fn in zip(("backbone", "whole"), fns)}
+        rates = time_interleaved(cases, items=batch, rounds=args.rounds, min_time=args.min_time, warmup=1,
+                                 log=lambda line: print(f"batch {batch} {line.split(':')[0]} done "
+                                                        f"(load {os.getloadavg()[0]:.1f})", flush=True))
         for part in ("backbone", "whole"):
-            dense_ips = statistics.median(runs[("dense", part)])
+            dense_ips = rates[("dense", part)].median
             for name in models:
-                ips = statistics.median(runs[(name, part)])
+                r = rates[(name, part)]
                 ratio = mac["dense"][part] / mac[name][part]
                 rows.append({"batch": batch, "part": part, "model": name, "gmacs_per_image": mac[name][part],
-                             "images_per_s": ips, "images_per_s_runs": runs[(name, part)],
-                             "speedup": ips / dense_ips, "mac_ratio": ratio,
-                             "speedup_over_mac_ratio": (ips / dense_ips) / ratio})
+                             **r.to_dict(), "speedup": r.median / dense_ips, "mac_ratio": ratio,
+                             "speedup_over_mac_ratio": (r.median / dense_ips) / ratio})
     build = structure_build_ms()
     lines = [f"{'batch':>5} {'part':<8} {'model':<12} {'GMACs':>7} {'img/s':>7} {'speed-up':>8} {'MAC ratio':>9} "
              f"{'ratio':>6}"]
@@ -148,20 +122,15 @@ def main(argv=None):
     result = {
         "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), _ROOT)] + list(
             sys.argv[1:] if argv is None else argv)),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": {"device_type": "cpu", "cpu_name": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
-                "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()), "versions": _versions()},
+        "env": finish_environment(env),
         "setup": {"model": args.model, "img_size": args.img_size, "tokens": P + 1, "classes": args.classes,
                   "decoder": "mask (2 layers)", "mode": "eager fp32, torch.no_grad", "rounds": args.rounds,
                   "min_time_s": args.min_time, "structures": info, "setup_s": setup_s},
         "rows": rows, "table": table, "structure_build_N1601": build,
     }
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out} (load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
-          f"{os.cpu_count()} cores)")
+    out = save_json(result, os.path.abspath(args.out))
+    print(f"wrote {out} (load average {env['load_average_start'][0]:.1f} at start, "
+          f"{env['load_average_end'][0]:.1f} at end, {os.cpu_count()} cores)")
     return result
 
 

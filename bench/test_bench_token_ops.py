@@ -1,7 +1,7 @@
-"""Benchmark of the block boundary x' = R z + (1 − m) ⊙ x, z' = M_next x' (SPEC §1), bf16 inference.
+"""Benchmarks of the token ops: on the GPU the block boundary in bf16, on the CPU every op of the extension.
 
-DeiT-S/16 at 224 sizes: B = 256, N = 197, C = 384, K = K_next = 118 (keep rate 0.6).
-Compared:
+GPU (skipped without CUDA): the block boundary x' = R z + (1 − m) ⊙ x, z' = M_next x' (SPEC §1), bf16 inference,
+DeiT-S/16 at 224 sizes: B = 256, N = 197, C = 384, K = K_next = 118 (keep rate 0.6). Compared:
   - triton fused:    pm_kernels.kernels.token_ops_triton.reconstruct_merge (one kernel, x' tile kept on chip)
   - triton unfused:  token_ops_triton.reconstruct then token_ops_triton.merge (x' written, then re-read)
   - torch reference: pm_kernels.reference.reconstruct_merge_reference (separate matmuls + mul + add)
@@ -9,12 +9,16 @@ Compared:
 Run on a GPU:  pytest bench/test_bench_token_ops.py --benchmark-only
 Each benchmark's extra_info records the bytes an op must move at least (read z, x; write x', z'; weights),
 the bytes the unfused torch path moves (its temporaries included), and the achieved GB/s of the minimum.
-Skipped without CUDA.
+
+CPU (``make bench``): merge, reconstruct and the fused reconstruct_merge, forward, fp32, DeiT-S widths at batch 8
+(B = 8, N = 197, C = 384, K = 118): the compiled extension's C++ kernels (``backend="cuda"`` on CPU tensors)
+against the torch reference (``backend="torch"``: BLAS matmuls), same inputs, one torch thread, one group per op,
+so that ``--benchmark-compare`` shows the two side by side and against earlier runs.
 """
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 B, N, C, K, K_NEXT = 256, 197, 384, 118, 118
 DTYPE = torch.bfloat16
@@ -70,6 +74,7 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+@needs_cuda
 @pytest.mark.parametrize("impl", ["triton_fused", "triton_unfused", "torch_reference"])
 def test_bench_block_boundary_bf16(benchmark, impl):
     args = make_inputs("cuda")
@@ -104,3 +109,46 @@ def test_bench_block_boundary_bf16(benchmark, impl):
         "achieved_GBps_of_min": minimum / per_call_s / 1e9,
         "achieved_GBps_est": moved / per_call_s / 1e9,
     })
+
+
+# ------------------------------------------------------------------------------------------------------ CPU
+CPU_B, CPU_ROUNDS = 8, 20
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # comparable across runs and machine loads (see test_bench_models.py)
+    yield
+    torch.set_num_threads(before)
+
+
+def _extension_status():
+    import pm_kernels
+    status = pm_kernels.backends()["cuda"]
+    return status.startswith("available"), status
+
+
+@pytest.mark.parametrize("impl", ["extension_cpp", "torch_reference"])
+@pytest.mark.parametrize("op", ["merge", "reconstruct", "reconstruct_merge"])
+def test_bench_token_ops_cpu(benchmark, one_thread, op, impl):
+    import pm_kernels
+    if impl == "extension_cpp":
+        ok, status = _extension_status()
+        if not ok:
+            pytest.skip(f"the compiled extension: {status}")
+    z, R, x, keep, M_next = make_inputs("cpu", b=CPU_B, dtype=torch.float32)
+    args = {"merge": (x, M_next), "reconstruct": (z, R, x, keep), "reconstruct_merge": (z, R, x, keep, M_next)}[op]
+    fn = getattr(pm_kernels, op)
+    backend = "cuda" if impl == "extension_cpp" else "torch"
+    with torch.inference_mode():
+        got, want = fn(*args, backend=backend), fn(*args, backend="torch")
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)  # correctness first
+
+        def run():
+            fn(*args, backend=backend)
+        benchmark.group = f"token op {op}, CPU fp32, B={CPU_B} N={N} C={C} K={K}"
+        benchmark.extra_info.update({"op": op, "backend": backend, "threads": torch.get_num_threads(),
+                                     "shape": f"B={CPU_B} N={N} C={C} K={K} K_next={K_NEXT}"})
+        benchmark.pedantic(run, rounds=CPU_ROUNDS, warmup_rounds=2, iterations=1)

@@ -16,45 +16,17 @@ is (``Host.embed_macs``, ``layer_macs_per_token``, ``attention_width``, ``head_m
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ._checks import check_rate
 from .hosts import host_of
+from .measure.macs import grid_of_count, pm_macs
 from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
-
-
-def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = None) -> int:
-    """MACs of one image through a PM-compressed ViT of any supported host whose layer ``l`` works on
-    ``kept[l]`` tokens, merged from and reconstructed to all N tokens; a layer with ``kept[l]`` = N is the
-    identity (a plain layer). ``num_patches``: the patch count of the image size (default the model's)."""
-    host = host_of(model)
-    layers = host.layers(model)
-    if len(kept) != len(layers):
-        raise ValueError(f"kept: expected one token count per layer ({len(layers)}), got {len(kept)}")
-    grid = _grid(host, model, num_patches)
-    n = grid[0] * grid[1] + host.num_prefix(model)
-    macs = host.embed_macs(model, grid[0] * grid[1])
-    for layer, k in zip(layers, kept):
-        k = int(k)
-        if not 0 < k <= n:
-            raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        macs += host.layer_macs(model, layer, k, grid)
-    return macs + host.head_macs(model)
-
-
-def _grid(host, model: nn.Module, num_patches: Optional[int]) -> Tuple[int, int]:
-    """The patch grid of ``num_patches`` patches: the model's own when the count is its, else the square one
-    (a layer's MACs may depend on the grid's shape, not only its count: windows and their padding)."""
-    own = tuple(host.grid(model))
-    if num_patches is None or int(num_patches) == own[0] * own[1]:
-        return own
-    side = math.isqrt(int(num_patches))
-    return (side, side) if side * side == int(num_patches) else (1, int(num_patches))
 
 
 @dataclass
@@ -104,7 +76,7 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
         if num_prefix is None:
             num_prefix = host.num_prefix(model)
         # tokens each layer runs on (a windowed layer's K per window, times its windows)
-        kept_of = lambda st: host.kept_tokens(model, st, _grid(host, model, scores.shape[1]))  # noqa: E731
+        kept_of = lambda st: host.kept_tokens(model, st, grid_of_count(model, scores.shape[1]))  # noqa: E731
         gmacs_of = lambda st: pm_macs(model, kept_of(st), scores.shape[1]) / 1e9  # noqa: E731
     elif callable(model_or_macs):
         gmacs_of = model_or_macs

@@ -42,8 +42,11 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
     _check_dense(host, backbone)
     task = model if backbone is not model else None
     if loss_fn is None:
+        # a task model returns its own output (a tensor of logits unless it says otherwise); a host model's
+        # output is read through its host (e.g. ``.logits`` of a transformers ModelOutput)
+        read = (lambda outputs: outputs) if task is not None else host.loss_input
         loss_fn = getattr(task, "pm_calibration_loss", None) or (
-            lambda outputs, targets: F.cross_entropy(host.loss_input(outputs), targets))
+            lambda outputs, targets: F.cross_entropy(read(outputs), targets))
     layers = host.layers(backbone)
     attentions = [host.attention(layer) for layer in layers]
     prefix = host.num_prefix(backbone)

@@ -8,8 +8,8 @@
     pm-kernels visualize  --checkpoint pm_ft.pth --out structure.png
     pm-kernels demo       [--out runs/demo] [--quick]
     pm-kernels export     --checkpoint pm_ft.pth --out pm.onnx [--format onnx|pt2] [--batch-size N] [--verify]
-    pm-kernels demo --task segmentation [--out runs/seg_demo] [--quick]     (Segmenter, every subcommand but export
-                          takes --task)
+    pm-kernels demo --task segmentation [--out runs/seg_demo] [--quick]     (every subcommand takes --task:
+                          classification, the default, or segmentation; pipeline/tasks/)
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
 ``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
@@ -19,7 +19,6 @@ atomically (nothing half-way) and locked against a second run writing them at th
 """
 import argparse
 import math
-import os
 import re
 import signal
 import sys
@@ -143,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False)
     p.add_argument("--scores", required=True, help="scores file from `pm-kernels calibrate`")
     p.add_argument("--keep-rate", type=_rate("keep rate"), default=0.6)
-    p.add_argument("--prune-rate", type=_rate("prune rate", low_open=False), default=0.1)
+    p.add_argument("--prune-rate", type=_rate("prune rate", low_open=False),
+                   help="default: the structure search's (0.1 global, 0 per-layer)")
     p.add_argument("--out", required=True, help="output checkpoint")
 
     p = sub.add_parser("finetune", help="train M, R and the weights with distillation from the dense model")
@@ -166,33 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="digits end to end: train, calibrate, compress, fine-tune, evaluate, plot")
     _common(p, data=False, model=False)
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder")
+    p.add_argument("--out", help="output folder (default runs/demo; segmentation: runs/seg_demo)")
     p.add_argument("--quick", action="store_true", help="reduced budget (tests)")
     p.add_argument("--keep-rates", type=_rate("keep rate"), nargs="+", help="default: 0.6 0.4 (segmentation: "
                    "0.8 0.7 0.5)")
-    from .pipeline.seg_cli import add_task_args  # --task segmentation and its options, on every subcommand
-    for name, command_parser in sub.choices.items():
-        add_task_args(name, command_parser)
 
-    # export takes no --task: a checkpoint of either task is exported by pm_kernels.export (library)
     p = sub.add_parser("export", help="ONNX file or torch.export program (.pt2) of a PM checkpoint, folded")
     _common(p, data=False)
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--format", choices=["onnx", "pt2"], help="default: from the --out extension")
+    from .deploy import FORMATS
+    p.add_argument("--format", choices=FORMATS, help="default: from the --out extension")
     p.add_argument("--batch-size", type=_positive(), default=1, help="batch of the example and of --verify")
     p.add_argument("--static-batch", action="store_true", help="the file takes only --batch-size images")
     p.add_argument("--opset", type=_positive(), help="ONNX opset (>= 18; default: the exporter's)")
     p.add_argument("--verify", action="store_true",
                    help="run the file (ONNX Runtime / torch.export.load), print max |difference| to PyTorch")
+
+    from .pipeline.tasks import TASKS  # --task on every subcommand, and each task's own options
+    for name, command_parser in sub.choices.items():
+        command_parser.add_argument("--task", choices=tuple(TASKS), default="classification",
+                                    help="what the model does (default classification; segmentation: a Segmenter, "
+                                         "data 'digits' = the embedded digit canvases, or an ADE20K folder)")
+        for task in TASKS.values():
+            task.add_arguments(name, command_parser)
     return parser
 
 
 def _setup(args):
     import torch
 
-    from .pipeline.demo import default_threads
+    from .measure.timing import free_cores
     from .pipeline.io import PipelineError
-    torch.set_num_threads(args.threads or default_threads())
+    torch.set_num_threads(args.threads or free_cores())
     torch.manual_seed(args.seed)
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +244,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``pm-kernels``; returns 0 or raises ``SystemExit`` with a non-zero status."""
     args = build_parser().parse_args(argv)
     from .pipeline.io import PipelineError
-    from .pipeline.seg_cli import commands_for
     start = time.perf_counter()
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -248,10 +252,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warnings_as_lines(f"pm-kernels {args.command}")
+            from .pipeline.tasks import TASKS, refuse_options
+            refuse_options(args, TASKS[args.task], tuple(TASKS.values()))
             if args.command == "export":
                 from .pipeline.export_cmd import cmd_export as run
             else:
-                run = getattr(commands_for(args), "cmd_" + args.command)  # classification or segmentation
+                from .pipeline import commands
+                run = getattr(commands, "cmd_" + args.command)  # written once, for every task
             device = _setup(args)
             run(args, device)
     except PipelineError as err:

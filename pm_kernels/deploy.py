@@ -16,7 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -190,10 +190,12 @@ def export(model, path: Union[str, "os.PathLike[str]"], *, format: str = "onnx",
     return path
 
 
-def load_exported(path: Union[str, "os.PathLike[str]"], threads: Optional[int] = None
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_exported(path: Union[str, "os.PathLike[str]"], threads: Optional[int] = None,
+                  session_config: Optional[Dict[str, str]] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function images → logits running an exported file: ``.onnx`` in ONNX Runtime (CPU), ``.pt2`` through
-    ``torch.export.load``. ``threads``: ONNX Runtime intra-op threads (default: its own choice)."""
+    ``torch.export.load``. ``threads``: ONNX Runtime intra-op threads (default: its own choice);
+    ``session_config``: ONNX Runtime session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}``
+    (idle threads sleep: the process's CPU time is then the work done, as ``bench/compare_ort.py`` times it)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"path: no such file {path!r}")
@@ -212,6 +214,8 @@ def load_exported(path: Union[str, "os.PathLike[str]"], threads: Optional[int] =
     options = onnxruntime.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 

@@ -161,6 +161,9 @@ def _check_num_prefix(num_prefix) -> int:
 
 
 THRESHOLDS = ("global", "per_layer")
+# How each layer's scores are scaled before the global thresholds: SPEC §4's L2 norm, or the alternatives measured
+# on the digits frontier (bench/frontier/variants.py): L1, max, none (raw scores), rank (per-layer rank / P).
+SCORE_NORMS = ("l2", "l1", "max", "none", "rank")
 
 
 def _check_layers(layers, n_layers: int) -> List[int]:
@@ -183,7 +186,7 @@ def default_prune_rate(thresholds: str = "global") -> float:
 
 def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: Optional[float] = None,
                      depth_discount: float = 0.025, num_prefix: int = 1, *, thresholds: str = "global",
-                     layers: Optional[Sequence[int]] = None) -> List[LayerStructure]:
+                     layers: Optional[Sequence[int]] = None, score_norm: str = "l2") -> List[LayerStructure]:
     """Per-layer structure from the calibration scores (L, num_patches).
 
     ``num_prefix``: the model's prefix tokens (never pruned or merged; 0 for a model without a CLS token).
@@ -198,12 +201,17 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: O
     (the same rule with L' = 1), so each keeps int(num_patches·keep_rate) centres and prunes
     int(num_patches·prune_rate) patches (ties aside). ``prune_rate`` defaults to 0, as the authors' config;
     ``depth_discount`` is not used (scaling a layer does not change its own ranking).
+
+    ``score_norm``: the per-layer scaling of the global search, ``"l2"`` (SPEC §4) or ``"l1"``, ``"max"``,
+    ``"none"``, ``"rank"`` (the per-layer rank / num_patches); the per-layer search does not depend on it.
     """
     check_tensor("scores", scores, ndim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  what="shape (L, num_patches): one score per layer and patch")
     num_prefix = _check_num_prefix(num_prefix)
     if thresholds not in THRESHOLDS:
         raise ValueError(f"thresholds: expected one of {', '.join(map(repr, THRESHOLDS))}, got {thresholds!r}")
+    if score_norm not in SCORE_NORMS:
+        raise ValueError(f"score_norm: expected one of {', '.join(map(repr, SCORE_NORMS))}, got {score_norm!r}")
     per_layer = thresholds == "per_layer"
     keep_rate = check_rate("keep_rate", keep_rate)
     if prune_rate is None:
@@ -224,9 +232,8 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: O
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores: expected finite values")
 
-    norms = s.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     discount = 1.0 - (0.0 if per_layer else depth_discount) * torch.arange(n_layers, dtype=torch.float64).unsqueeze(1)
-    s_hat = discount * s / norms
+    s_hat = discount * _normalised(s, score_norm)
     groups = [[layer] for layer in compressed] if per_layer else [compressed]
     taus = {}
     for group in groups:
@@ -254,6 +261,20 @@ def search_structure(scores: torch.Tensor, keep_rate: float = 0.6, prune_rate: O
         structures.append(LayerStructure(pruned=pruned.to(scores.device), centres=centres.to(scores.device),
                                          num_prefix=num_prefix))
     return structures
+
+
+def _normalised(s: torch.Tensor, how: str) -> torch.Tensor:
+    """Each layer's (row's) scores scaled as ``score_norm`` says."""
+    tiny = torch.finfo(torch.float64).tiny
+    if how == "l2":
+        return s / s.norm(dim=1, keepdim=True).clamp_min(tiny)
+    if how == "l1":  # the digits frontier's definitions, as measured (bench/results/pareto_digits/variants)
+        return s / s.sum(dim=1, keepdim=True)
+    if how == "max":
+        return s / s.amax(dim=1, keepdim=True)
+    if how == "rank":
+        return (s.argsort(dim=1).argsort(dim=1).double() + 1) / s.shape[1]
+    return s / s.max()  # "none": one scale for all layers (the thresholds are scale-free)
 
 
 def _thresholds(values: torch.Tensor, n_patches: int, keep_rate: float, prune_rate: float) -> Tuple[float, float]:

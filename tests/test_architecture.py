@@ -96,8 +96,8 @@ HOST_NAMES = {
                   "in_proj_weight", "in_proj_bias", "encode_image", "trunk", "attn", "attn_pool", "grid_size",
                   "ln_1", "ln_2", "ls_1", "ls_2", "_embeds", "_pool", "pool_type", "output_tokens", "patch_dropout"},
 }
-# The pipeline (the pm-kernels command) is moved onto the host layer in the same change as its task rewrite.
-NOT_YET_ON_HOSTS = ("pm_kernels/pipeline/",)
+# Every module is on the host layer (the pipeline joined with its task rewrite, issue 23); none is exempt.
+NOT_YET_ON_HOSTS = ()
 
 
 def _host_name_reads(source: str, rel: str):

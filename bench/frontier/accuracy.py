@@ -17,29 +17,31 @@ from typing import Dict, List, Optional
 
 import torch
 
+from bench.common import plain_vit
 from bench.peers import default_locations, dense_flops, dims_from_model, match_evit_keep_rate, match_tome_r, \
     patch_evit, patch_tome
-from bench.peers.flops import pm_flops, pm_token_counts
-from bench.peers_digits import INPUT, plain_vit
-from pm_kernels import calibrate, optimize, patch_timm
-from pm_kernels.patch import install_structure
+from pm_kernels import calibrate, install_structure, optimize, patch_timm
+from pm_kernels.measure import analytic_macs, kept_tokens, traced_macs
 from pm_kernels.pipeline.data import cycle_batches, load_data, make_loader
-from pm_kernels.pipeline.demo import DemoConfig
-from pm_kernels.pipeline.evaluate import accuracy, gflops
+from pm_kernels.pipeline.families import DIGITS_VIT, DIGITS_VIT_KWARGS
 from pm_kernels.pipeline.finetune import TrainConfig, train
 from pm_kernels.pipeline.io import save_checkpoint
-from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model, load_model
+from pm_kernels.pipeline.model import build_model, load_model
+from pm_kernels.pipeline.tasks import TASKS
+from pm_kernels.pipeline.tasks.classification import accuracy
 
-from .variants import BASELINE, PMVariant, finetune_pm, prune_rate_for, variant_structure
+from .variants import BASELINE, PMVariant, prune_rate_for, train_config, variant_structure
 
-__all__ = ["KEEP_RATES", "dense_and_scores", "run_seed", "seed_path", "recipe"]
+__all__ = ["KEEP_RATES", "INPUT", "dense_and_scores", "run_seed", "seed_path", "recipe"]
 
 KEEP_RATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+INPUT = (DIGITS_VIT_KWARGS["in_chans"], DIGITS_VIT_KWARGS["img_size"], DIGITS_VIT_KWARGS["img_size"])
 
 
 def recipe(seed: int) -> Dict[str, object]:
-    """The digits demo's recipe (``DemoConfig`` defaults): dense training and the fine-tuning of every method."""
-    cfg = DemoConfig(seed=seed)
+    """The digits demo's recipe (the classification demo's defaults): dense training and the fine-tuning of every
+    method."""
+    cfg = TASKS["classification"].demo_config(seed=seed)
     dense = TrainConfig(epochs=cfg.dense_epochs, batch_size=cfg.batch_size, lr=cfg.dense_lr,
                         weight_decay=cfg.dense_weight_decay, warmup_iters=cfg.warmup_iters, alpha=0.0, seed=seed,
                         progress=False, freeze_structure=True)
@@ -100,12 +102,8 @@ def _pm_row(dense_pm, scores, keep, variant, data, ft_cfg, teacher, test_loader)
     pm.eval()
     before = accuracy(pm, test_loader, "cpu")
     t = time.perf_counter()
-    if variant.mr_lr_mult == 1.0 and variant.mr_warmup_iters == 0:
-        hist = train(pm, data, ft_cfg, teacher=teacher, device="cpu")
-        loss = hist["epoch_loss"][-1]
-    else:
-        hist = finetune_pm(pm, data, ft_cfg, teacher, variant.mr_lr_mult, variant.mr_warmup_iters)
-        loss = hist["epoch_loss"][-1]
+    hist = train(pm, data, train_config(variant, ft_cfg), teacher=teacher, device="cpu")
+    loss = hist["epoch_loss"][-1]
     ft_s = time.perf_counter() - t
     pm.eval()
     top1 = accuracy(pm, test_loader, "cpu")
@@ -113,8 +111,9 @@ def _pm_row(dense_pm, scores, keep, variant, data, ft_cfg, teacher, test_loader)
     return {"method": "PM", "keep_rate": keep, "prune_rate": prune_rate_for(variant, keep),
             "variant": variant.name, "top1": top1, "top1_before_finetune": before,
             "top1_optimized": accuracy(folded, test_loader, "cpu"),
-            "gmacs": pm_flops(pm), "gmacs_optimized_traced": gflops(folded, INPUT, "cpu") / 2,
-            "K_per_layer": pm_token_counts(pm),
+            "gmacs": analytic_macs(pm) / 1e9,
+            "gmacs_optimized_traced": traced_macs(folded, torch.zeros(1, *INPUT)) / 1e9,
+            "K_per_layer": kept_tokens(pm),
             "pruned_per_layer": [int(s.pruned.sum()) for s in structure],
             "structure": {"scores": scores.tolist(),
                           "pruned": [torch.nonzero(s.pruned).flatten().tolist() for s in structure],

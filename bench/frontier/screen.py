@@ -6,11 +6,10 @@ import copy
 import statistics
 from typing import Dict, Sequence
 
-from bench.peers.flops import pm_flops
-from pm_kernels import patch_timm
-from pm_kernels.patch import install_structure
+from pm_kernels import install_structure, patch_timm
+from pm_kernels.measure import analytic_macs
 from pm_kernels.pipeline.data import make_loader
-from pm_kernels.pipeline.evaluate import accuracy
+from pm_kernels.pipeline.tasks.classification import accuracy
 
 from .accuracy import dense_and_scores
 from .variants import VARIANTS, variant_structure
@@ -37,7 +36,7 @@ def screen(seeds: Sequence[int], keeps: Sequence[float], work: str, names=None, 
                 install_structure(patch_timm(pm), st, scores)
                 entry = out.setdefault(name, {}).setdefault(f"keep {keep:g}", {"top1": [], "gmacs": [], "K": []})
                 entry["top1"].append(accuracy(pm.eval(), loader, "cpu"))
-                entry["gmacs"].append(pm_flops(pm))
+                entry["gmacs"].append(analytic_macs(pm) / 1e9)
                 entry["K"].append([s.keep for s in st])
     for name, per_keep in out.items():
         for e in per_keep.values():

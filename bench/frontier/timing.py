@@ -1,31 +1,29 @@
 """Timing phase of the digits frontier: images/s of every model of the accuracy phase, rebuilt from its row
 (structure only: random weights, since speed does not depend on the weights' values), at batch 1 and 8,
-interleaved (each round times every model once, per batch size; median over rounds), one process, one run.
+interleaved (``pm_kernels.measure.time_interleaved``: each round times every model at every batch size once;
+median over rounds), one process, one run.
 
-The machine's load is recorded (``uptime`` and the 1-minute load average before and after); a run whose load
+The machine's load is recorded (the environment record: load average before and after); a run whose load
 average says other work shared the cores is marked ``under_load`` and the report and plot say so. The phase is
 self-contained: it reads only the committed seed files, so it can be re-run alone at a quiet moment.
 """
 import copy
-import datetime as _dt
-import os
 import statistics
-import subprocess
 import time
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from bench.peers import patch_evit, patch_tome
-from bench.peers_digits import INPUT, cpu_name
-from pm_kernels import LayerStructure, optimize, patch_timm
-from pm_kernels.patch import install_structure
-from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model
+from pm_kernels import LayerStructure, install_structure, optimize, patch_timm
+from pm_kernels.measure import environment, finish_environment, forward, time_interleaved
+from pm_kernels.measure.timing import UNDER_LOAD
+from pm_kernels.pipeline.families import DIGITS_VIT, DIGITS_VIT_KWARGS
+from pm_kernels.pipeline.model import build_model
+
+from .accuracy import INPUT
 
 __all__ = ["build_timed_models", "time_models", "run_timing", "UNDER_LOAD"]
-
-# 1-minute load average above which the cores were not ours alone (the timing itself adds about 1)
-UNDER_LOAD = 0.5
 
 
 def _mask(indices: Sequence[int], n: int) -> torch.Tensor:
@@ -74,46 +72,17 @@ def build_timed_models(seed_files: List[dict], variant_files: Dict[str, List[dic
     return out
 
 
-@torch.no_grad()
-def _rates(model, x: torch.Tensor, warmup: int, min_time: float, sync) -> Tuple[float, float]:
-    """(images per wall-clock second, images per CPU second of this process) of no-grad forwards of ``x``."""
-    for _ in range(warmup):
-        model(x)
-    sync()
-    n, w0, c0 = 0, time.perf_counter(), time.process_time()
-    while True:
-        model(x)
-        n += 1
-        sync()
-        wall = time.perf_counter() - w0
-        if wall >= min_time:
-            break
-    cpu = max(time.process_time() - c0, 1e-9)
-    return n * x.shape[0] / wall, n * x.shape[0] / cpu
-
-
 def time_models(models: List[torch.nn.Module], batches: Sequence[int], rounds: int, min_time: float,
                 device: str = "cpu") -> Dict[str, Dict[int, List[List[float]]]]:
     """{"wall" | "cpu": {batch: per model, the rate of each round}}; each round times every model once per
     batch size. "cpu" divides by the process's CPU time: with one thread it is what the wall clock would
     read on an idle core, so it is the load-robust figure on a shared machine (a GPU run: wall only)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     inputs = {b: torch.randn(b, *INPUT, device=device) for b in batches}
-    runs = {kind: {b: [[] for _ in models] for b in batches} for kind in ("wall", "cpu")}
-    for rnd in range(rounds):
-        for i, m in enumerate(models):
-            for b in batches:
-                wall, cpu = _rates(m, inputs[b], 3 if rnd == 0 else 1, min_time, sync)
-                runs["wall"][b][i].append(wall)
-                runs["cpu"][b][i].append(cpu)
-    return runs
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "?"
+    cases = {(i, b): forward(m, inputs[b]) for i, m in enumerate(models) for b in batches}
+    rates = time_interleaved(cases, items={(i, b): b for i, b in cases}, rounds=rounds, min_time=min_time, warmup=3,
+                             device=device)
+    return {kind: {b: [getattr(rates[(i, b)], kind) for i in range(len(models))] for b in batches}
+            for kind in ("wall", "cpu")}
 
 
 def run_timing(seed_files, variant_files, batches=(1, 8), rounds: int = 5, min_time: float = 0.1,
@@ -123,11 +92,11 @@ def run_timing(seed_files, variant_files, batches=(1, 8), rounds: int = 5, min_t
     if device != "cpu":
         labelled = [(lab, m.to(device)) for lab, m in labelled]
     log(f"timing {len(labelled)} models at batch {list(batches)}, {rounds} interleaved rounds")
-    load_before, up_before = list(os.getloadavg()), _uptime()
+    env = environment(device)
     t = time.perf_counter()
     runs = time_models([m for _, m in labelled], batches, rounds, min_time, device)
     elapsed = time.perf_counter() - t
-    load_after, up_after = list(os.getloadavg()), _uptime()
+    finish_environment(env)
     entries = []
     for i, (lab, _) in enumerate(labelled):
         entry = dict(lab)
@@ -137,17 +106,14 @@ def run_timing(seed_files, variant_files, batches=(1, 8), rounds: int = 5, min_t
             if device == "cpu":
                 entry[f"images_per_cpu_s_b{b}"] = statistics.median(runs["cpu"][b][i])
         entries.append(entry)
-    # the timing itself adds about 1 to the load average
-    under = load_before[0] > UNDER_LOAD or load_after[0] > 1.0 + UNDER_LOAD
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
-            "cpu_name": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads, "batches": list(batches),
-            "rounds": rounds, "min_time_s": min_time, "elapsed_s": elapsed,
-            "uptime_before": up_before, "uptime_after": up_after, "loadavg_before": load_before,
-            "loadavg_after": load_after, "under_load": under,
-            "under_load_rule": f"1-minute load average > {UNDER_LOAD} before timing or > {1 + UNDER_LOAD} after "
-                               "(the timing adds about 1): other work shared the cores",
+    return {"date": env["date_utc"], "device": device, "cpu_name": env["cpu_name"], "cpu_count": env["cpu_count"],
+            "threads": threads, "batches": list(batches), "rounds": rounds, "min_time_s": min_time,
+            "elapsed_s": elapsed, "environment": env, "loadavg_before": env["load_average_start"],
+            "loadavg_after": env["load_average_end"], "under_load": env.get("under_load"),
+            "under_load_rule": env.get("under_load_rule"),
             "how": "no-grad forwards of a random batch, random weights (speed depends on the structure only); "
-                   "each round times every model once per batch size; median over rounds. images_per_s: wall "
-                   "clock; images_per_cpu_s: per CPU second of the timing process (one thread: the wall-clock "
-                   "rate of an idle core, robust to other work on the machine)",
+                   "pm_kernels.measure.time_interleaved: each round times every model once per batch size, the "
+                   "order reversed every other round; median over rounds. images_per_s: wall clock; "
+                   "images_per_cpu_s: per CPU second of the timing process (one thread: the wall-clock rate of an "
+                   "idle core, robust to other work on the machine)",
             "entries": entries}

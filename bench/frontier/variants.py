@@ -6,19 +6,20 @@ re-run for a variant: every variant keeps the recipe's epochs, lr schedule, teac
 touches what ToMe and EViT do not have (the structure search, M and R).
 
 Nothing here is used at inference: a variant only decides the static structure (K per layer, pruned /
-centre masks) or how M and R are fine-tuned, so a variant's model is an ordinary PM model.
+centre masks) or how M and R are fine-tuned, so a variant's model is an ordinary PM model. A variant is data:
+the library's options it sets (``search_structure(score_norm=, thresholds=, ...)``, ``TrainConfig(mr_lr_mult=,
+mr_warmup_iters=)``); nothing of the structure search or the training loop is written here.
 """
-import math
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
 from pm_kernels import LayerStructure, search_structure
-from pm_kernels.pipeline.data import make_loader
-from pm_kernels.pipeline.finetune import DistillationLoss, TrainConfig, _lr_at, param_groups
+from pm_kernels.pipeline.finetune import TrainConfig
 
-__all__ = ["PMVariant", "VARIANTS", "BASELINE", "prune_rate_for", "variant_structure", "finetune_pm",
+__all__ = ["PMVariant", "VARIANTS", "BASELINE", "prune_rate_for", "variant_structure", "train_config",
            "timed_as"]
 
 # prune rate as a function of the keep rate (name -> f(keep))
@@ -92,99 +93,15 @@ def prune_rate_for(variant: PMVariant, keep: float) -> float:
     return min(rate, round(1.0 - keep, 12))
 
 
-def _normalise(s: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "l2":
-        return s / s.norm(dim=1, keepdim=True)
-    if how == "l1":
-        return s / s.sum(dim=1, keepdim=True)
-    if how == "max":
-        return s / s.amax(dim=1, keepdim=True)
-    if how == "none":
-        return s / s.max()                      # one global scale: the thresholds are scale-free anyway
-    if how == "rank":
-        return (s.argsort(dim=1).argsort(dim=1).double() + 1) / s.shape[1]
-    raise ValueError(f"score_norm: expected l2, l1, max, none, rank or per_layer, got {how!r}")
-
-
 def variant_structure(scores: torch.Tensor, keep: float, variant: PMVariant) -> List[LayerStructure]:
-    """The per-layer structure of a variant. ``l2`` is the library's ``search_structure``; the others follow
-    SPEC §4 (global thresholds, depth discount) with another per-layer normalisation, or per-layer counts."""
-    prune = prune_rate_for(variant, keep)
-    if variant.score_norm == "l2":
-        return search_structure(scores, keep_rate=keep, prune_rate=prune, depth_discount=variant.depth_discount)
-    s = scores.detach().double().cpu()
-    n_layers, n_patches = s.shape
-    if variant.score_norm == "per_layer":
-        out = []
-        for layer in range(n_layers):
-            order = s[layer].argsort()
-            pruned = torch.zeros(n_patches, dtype=torch.bool)
-            pruned[order[:int(n_patches * prune)]] = True
-            centres = torch.zeros(n_patches, dtype=torch.bool)
-            centres[order[n_patches - max(1, int(n_patches * keep)):]] = True
-            out.append(LayerStructure(pruned=pruned & ~centres, centres=centres))
-        return out
-    discount = 1.0 - variant.depth_discount * torch.arange(n_layers, dtype=torch.float64).unsqueeze(1)
-    s_hat = discount * _normalise(s, variant.score_norm)
-    flat = s_hat.flatten()
-    ascending = flat.sort().values
-    n_pruned = int(n_patches * prune) * n_layers
-    n_centres = int(n_patches * keep) * n_layers
-    tau_p = ascending[min(n_pruned, flat.numel() - 1)]
-    tau_k = ascending[flat.numel() - n_centres] if n_centres > 0 else math.inf
-    out = []
-    for layer in range(n_layers):
-        pruned = s_hat[layer] < tau_p
-        centres = (s_hat[layer] >= tau_k) & ~pruned
-        if not bool(centres.any()) and not bool(pruned.all()):
-            centres[torch.where(pruned, -math.inf, s_hat[layer]).argmax()] = True
-        out.append(LayerStructure(pruned=pruned, centres=centres))
-    return out
+    """The per-layer structure of a variant: the library's ``search_structure`` with the variant's options
+    (``score_norm="per_layer"`` is the per-layer search, SPEC §8, at the variant's prune rate)."""
+    per_layer = variant.score_norm == "per_layer"
+    return search_structure(scores, keep_rate=keep, prune_rate=prune_rate_for(variant, keep),
+                            depth_discount=variant.depth_discount, thresholds="per_layer" if per_layer else "global",
+                            score_norm="l2" if per_layer else variant.score_norm)
 
 
-def finetune_pm(model, data, cfg: TrainConfig, teacher, mr_lr_mult: float = 1.0, mr_warmup_iters: int = 0,
-                device: Optional[torch.device] = None) -> Dict[str, object]:
-    """``pm_kernels.pipeline.finetune.train`` (single process, no mixup / AMP) with M and R in their own
-    optimizer group: lr × ``mr_lr_mult`` and their own linear warm-up. With the defaults it follows ``train``
-    step for step (same loader seed, loss, groups, schedule): tests/test_frontier.py checks the weights match."""
-    device = torch.device(device or "cpu")
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(label_smoothing=cfg.smoothing), teacher,
-                                 alpha=cfg.alpha, tau=cfg.tau)
-    loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers)
-    lr = cfg.scaled_lr(1)
-    groups = param_groups(model, lr, cfg.weight_decay, cfg.authors_lr_quirk)
-    mr = {id(p) for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("M", "R")}
-    mr_params = [p for g in groups for p in g["params"] if id(p) in mr]
-    for g in groups:
-        g["params"] = [p for p in g["params"] if id(p) not in mr]
-        g["warmup"] = cfg.warmup_iters
-    if mr_params:
-        groups.insert(1, {"params": mr_params, "weight_decay": cfg.weight_decay, "lr": lr * mr_lr_mult,
-                          "base_lr": lr * mr_lr_mult, "warmup": mr_warmup_iters or cfg.warmup_iters})
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-    total = max(1, int(round(cfg.epochs * len(loader))))
-    step, epoch_loss = 0, []
-    while step < total:
-        running, count = 0.0, 0
-        for images, targets in loader:
-            if step >= total:
-                break
-            images, targets = images.to(device), targets.to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total, g["base_lr"], min(cfg.min_lr, g["base_lr"]), g["warmup"])
-            loss = criterion(images, model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running, count, step = running + loss.item(), count + 1, step + 1
-        epoch_loss.append(running / max(1, count))
-    model.eval()
-    return {"iterations": total, "epoch_loss": epoch_loss, "mr_lr_mult": mr_lr_mult,
-            "mr_warmup_iters": mr_warmup_iters}
-
+def train_config(variant: PMVariant, recipe: TrainConfig) -> TrainConfig:
+    """The fine-tuning recipe with the variant's M and R options (the library's own training loop)."""
+    return dataclasses.replace(recipe, mr_lr_mult=variant.mr_lr_mult, mr_warmup_iters=variant.mr_warmup_iters or None)

@@ -16,7 +16,9 @@ tokens between the two), so a layer's count is either an ``int`` or a pair ``(n_
 Method-specific extras (``include_overheads=True``, on by default because fvcore would count them too):
 - ToMe: the bipartite similarity ``(⌈n/2⌉ × ⌊n/2⌋ × head_dim)`` per merging block.
 - EViT: the weighted fusion of the inattentive tokens, ``(n_dropped × C)`` per reduction layer.
-- PM: the merge ``M @ x`` (``K × N × C``) and reconstruct ``R @ z`` (``N × K × C``) per block.
+PM's own count is the library's (``pm_kernels.measure.macs``: the same convention, the merge ``K × N × C`` and
+reconstruct ``N × K × C`` products of a compressed block included), so that a peer is matched to exactly the MACs
+the PM model is reported with.
 """
 import math
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ from ._common import per_block_r
 
 __all__ = [
     "VitDims", "dims_from_model", "dims_from_config", "vit_flops", "dense_flops", "tome_token_counts",
-    "tome_flops", "evit_token_counts", "evit_flops", "pm_token_counts", "pm_flops", "pm_flops_from_counts",
-    "tome_schedule_from_total", "match_tome_r", "match_evit_keep_rate",
+    "tome_flops", "evit_token_counts", "evit_flops", "tome_schedule_from_total", "match_tome_r",
+    "match_evit_keep_rate",
 ]
 
 LayerCount = Union[int, Tuple[int, int]]
@@ -246,39 +248,3 @@ def match_evit_keep_rate(model_or_dims, target_gflops: float, locations: Sequenc
         if best is None or abs(g - target_gflops) < best[0]:
             best = (abs(g - target_gflops), keep, g)
     return best[1], best[2]
-
-
-# ----------------------------------------------------------------------------------------------------- PM
-def pm_token_counts(model: nn.Module) -> List[Optional[int]]:
-    """``K_l`` for each block: ``block.M.shape[0]`` for a patched block (``M`` is ``K × N``), else None."""
-    out = []
-    for blk in model.blocks:
-        M = getattr(blk, "M", None)
-        out.append(int(M.shape[0]) if M is not None else None)
-    return out
-
-
-def pm_flops_from_counts(model_or_dims, ks: Sequence[Optional[int]], mac_factor: int = 1,
-                         include_overheads: bool = True) -> float:
-    """PM GFLOPs with ``ks[l]`` tokens in block ``l`` (None = dense block, no merge / reconstruct)."""
-    d = _dims(model_or_dims)
-    N, C = d.num_tokens, d.embed_dim
-    tokens, extra = [], 0
-    for k in ks:
-        if k is None:
-            tokens.append(N)
-        else:
-            tokens.append(int(k))
-            if include_overheads:
-                extra += 2 * int(k) * N * C        # merge K×N×C + reconstruct N×K×C
-    return vit_flops(d, tokens, extra_macs=extra, mac_factor=mac_factor)
-
-
-def pm_flops(model: nn.Module, mac_factor: int = 1, include_overheads: bool = True) -> float:
-    """GFLOPs of a PM-patched timm ViT, reading ``K_l`` from each block's ``M`` (``K × N``) and checking
-    ``R`` (``N × K``) against it."""
-    for i, blk in enumerate(model.blocks):
-        M, R = getattr(blk, "M", None), getattr(blk, "R", None)
-        if M is not None and R is not None and tuple(R.shape) != (M.shape[1], M.shape[0]):
-            raise ValueError(f"block {i}: R has shape {tuple(R.shape)}, expected {(M.shape[1], M.shape[0])}")
-    return pm_flops_from_counts(model, pm_token_counts(model), mac_factor, include_overheads)

@@ -36,6 +36,7 @@ class DataBundle:
     mean: Tuple[float, ...] = field(default=DIGITS_MEAN)
     std: Tuple[float, ...] = field(default=DIGITS_STD)
     allows_mixup: bool = False
+    sets_model_size: bool = True   # a fresh model is built for img_size (False: the data takes the model's size)
 
 
 class DigitsDataset(Dataset):
@@ -175,7 +176,7 @@ def image_folder(root: str, img_size: int = 224, mean=None, std=None, interpolat
     for split in (train, test):
         _check_readable(split)
     return DataBundle(root, train, test, num_classes=len(classes), in_chans=3, img_size=img_size, mean=mean,
-                      std=std, allows_mixup=True)
+                      std=std, allows_mixup=True, sets_model_size=False)
 
 
 def load_data(spec: str, seed: int = 0, img_size: Optional[int] = None, **kwargs) -> DataBundle:

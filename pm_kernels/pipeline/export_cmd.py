@@ -1,6 +1,7 @@
-"""``pm-kernels export``: a checkpoint as an ONNX file or a ``torch.export`` program, optionally verified.
+"""``pm-kernels export``: a checkpoint of any task as an ONNX file or a ``torch.export`` program, optionally verified.
 
     pm-kernels export --checkpoint pm.pth --out pm.onnx [--format onnx] [--batch-size N] [--verify]
+    pm-kernels export --task segmentation --checkpoint seg.pth --out seg.onnx --verify
 
 The format defaults to the output's extension (.onnx / .pt2). ``--verify`` runs the written file (ONNX Runtime
 on the CPU, or ``torch.export.load``) on random images at ``--batch-size`` and, with a dynamic batch, at one more,
@@ -11,8 +12,8 @@ from typing import Dict
 
 import torch
 
+from . import host
 from .io import PipelineError, save_json
-from .model import load_model
 from .outputs import claim_output
 
 __all__ = ["cmd_export", "FORMAT_BY_EXTENSION"]
@@ -45,8 +46,8 @@ def _verify(path: str, model, batch: int, dynamic: bool, seed: int) -> Dict[int,
         run = load_exported(path)
     except ImportError as err:
         raise PipelineError(f"verify: {err}") from None
-    ref = model.patch_embed.proj.weight
-    shape = (ref.shape[1], *model.patch_embed.img_size)
+    ref = host.reference_parameter(model)
+    shape = host.input_shape(model)
     diffs = {}
     for b in ([batch, batch + 1] if dynamic else [batch]):
         images = torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed + b))
@@ -78,11 +79,11 @@ def cmd_export(args, device) -> None:
 
 def _export(args, device, fmt: str) -> None:
     from ..deploy import export
-    extra = {"img_size": args.img_size} if args.img_size else {}
-    model, meta = load_model(args.checkpoint, args.model, extra_kwargs=extra)
+    from .commands import load_for
+    model, meta = load_for(args, args.checkpoint)
     model.to(device).eval()
-    ref = model.patch_embed.proj.weight
-    example = torch.randn(args.batch_size, ref.shape[1], *model.patch_embed.img_size,
+    ref = host.reference_parameter(model)
+    example = torch.randn(args.batch_size, *host.input_shape(model),
                           generator=torch.Generator().manual_seed(args.seed)).to(device, ref.dtype)
     dynamic = not args.static_batch
     try:
@@ -94,7 +95,7 @@ def _export(args, device, fmt: str) -> None:
         print(f"wrote {args.out} ({fmt}, {size / 2 ** 20:.1f} MiB, "
               f"{'any batch size' if dynamic else f'batch {args.batch_size} only'})", flush=True)
     diffs = _verify(args.out, model, args.batch_size, dynamic, args.seed) if args.verify else None
-    save_json({"command": "export", "format": fmt, "out": os.path.abspath(args.out), "bytes": size,
+    save_json({"command": "export", "task": args.task, "format": fmt, "out": os.path.abspath(args.out), "bytes": size,
                "model": meta.get("model"), "checkpoint": args.checkpoint, "dynamic_batch": dynamic,
                "batch_size": args.batch_size, "opset": args.opset,
                "verify_max_abs_diff": {str(b): d for b, d in diffs.items()} if diffs else None},

@@ -10,20 +10,22 @@ So the model is built from what the weights say: a small file cannot ask for a l
 ``checkpoint_path`` or ``pretrained`` can make the constructor open another file or the network.
 
 A new family is one ``Family`` entry: the names it covers, its accepted arguments (with a reader for each
-argument its weights determine) and a builder.
+argument its weights determine), a builder and the defaults of its own architectures. The table covers every
+task: a segmentation model's backbone (``digits_seg_vit`` or a timm ViT) is built and checked through it as a
+classifier is.
 """
 import fnmatch
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .io import PipelineError
 
-__all__ = ["Arg", "Family", "FAMILIES", "DIGITS_VIT", "DIGITS_VIT_KWARGS", "find_family", "resolve_kwargs",
-           "recorded_kwargs"]
+__all__ = ["Arg", "Family", "FAMILIES", "DIGITS_VIT", "DIGITS_VIT_KWARGS", "DIGITS_SEG_VIT", "DIGITS_SEG_VIT_KWARGS",
+           "find_family", "resolve_kwargs", "recorded_kwargs"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -31,6 +33,9 @@ DIGITS_VIT = "digits_vit"
 # 32×32 grey digits, 4×4 patches → 64 patches + CLS.
 DIGITS_VIT_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
                          num_heads=4, mlp_ratio=2.0)
+DIGITS_SEG_VIT = "digits_seg_vit"
+# The segmentation demo's backbone: the same grid, 2 heads, no classifier head (the Segmenter's decoder is).
+DIGITS_SEG_VIT_KWARGS = dict(DIGITS_VIT_KWARGS, num_classes=0, num_heads=2)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class Family:
     """Model names (fnmatch ``patterns``, less ``exclude``), their accepted arguments, and how to build one.
 
     ``build(name, kwargs)`` returns the model (patched or not: the caller patches); ``check(kwargs)`` returns
-    an error message for argument combinations no single ``Arg`` can judge, else None.
+    an error message for argument combinations no single ``Arg`` can judge, else None; ``defaults``: the
+    arguments of a name the family defines itself (the demo ViTs), under the given ones.
     """
     name: str
     patterns: Tuple[str, ...]
@@ -58,6 +64,7 @@ class Family:
     build: Callable[[str, Dict[str, Any]], torch.nn.Module]
     exclude: Tuple[str, ...] = ()
     check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def covers(self, model: str) -> bool:
         return (any(fnmatch.fnmatchcase(model, p) for p in self.patterns)
@@ -119,6 +126,11 @@ def _vit_mlp_ratio(sd: StateDict) -> float:
     return int(_tensor(sd, "blocks.0.mlp.fc1.weight", 2).shape[0]) / int(_patch_weight(sd).shape[0])
 
 
+def _model_heads(model: torch.nn.Module) -> int:
+    from .host import num_heads  # the model's host knows its heads
+    return num_heads(model)
+
+
 def _heads_divide_width(kwargs: Dict[str, Any]) -> Optional[str]:
     dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
     if dim is not None and heads is not None and dim % heads:
@@ -134,27 +146,32 @@ VIT_ARGS: Dict[str, Arg] = {
     "embed_dim": Arg(_int(1, 16384), "an int in [1, 16384]", lambda sd: int(_patch_weight(sd).shape[0])),
     "depth": Arg(_int(1, 1024), "an int in [1, 1024]", _vit_depth),
     "num_heads": Arg(_int(1, 1024), "an int in [1, 1024]",  # the weights do not tell: checked against embed_dim
-                     of_model=lambda m: int(m.blocks[0].attn.num_heads)),
+                     of_model=lambda m: _model_heads(m)),
     "mlp_ratio": Arg(_number(0, 64), "a number in (0, 64]", _vit_mlp_ratio),
     "qkv_bias": Arg(_bool, "true or false", lambda sd: "blocks.0.attn.qkv.bias" in sd),
 }
 
 
-def _build_digits_vit(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
-    from ..models import PMVisionTransformer
-    return PMVisionTransformer(**dict(DIGITS_VIT_KWARGS, **kwargs))
+def _build_demo_vit(defaults: Mapping[str, Any]) -> Callable[[str, Dict[str, Any]], torch.nn.Module]:
+    def build(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
+        from ..hosts.timm import PMVisionTransformer
+        return PMVisionTransformer(**dict(defaults, **kwargs))
+    return build
 
 
 def _build_timm(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     import timm
     if not timm.is_model(name):
         raise PipelineError(f"model {name!r}: not a timm model name (e.g. deit_small_patch16_224, "
-                            f"pm_deit_small_patch16_224, or {DIGITS_VIT})")
+                            f"pm_deit_small_patch16_224, {DIGITS_VIT} or {DIGITS_SEG_VIT})")
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
 FAMILIES: Tuple[Family, ...] = (
-    Family("the digits demo ViT", (DIGITS_VIT,), VIT_ARGS, _build_digits_vit, check=_heads_divide_width),
+    Family("the digits demo ViT", (DIGITS_VIT,), VIT_ARGS, _build_demo_vit(DIGITS_VIT_KWARGS),
+           check=_heads_divide_width, defaults=DIGITS_VIT_KWARGS),
+    Family("the digits segmentation demo's backbone ViT", (DIGITS_SEG_VIT,), VIT_ARGS,
+           _build_demo_vit(DIGITS_SEG_VIT_KWARGS), check=_heads_divide_width, defaults=DIGITS_SEG_VIT_KWARGS),
     Family("timm ViT/DeiT (one CLS token, pre-norm blocks)", ("vit_*", "deit_*", "pm_deit_*"), VIT_ARGS,
            _build_timm, exclude=("*distilled*",), check=_heads_divide_width),
 )
@@ -197,16 +214,16 @@ def resolve_kwargs(family: Family, model: str, given: Mapping[str, Any], state_d
             if key in kwargs and kwargs[key] != value:
                 raise PipelineError(f"{source}: {key} = {kwargs[key]!r}, but the weights have {key} = {value!r}")
             kwargs[key] = value
-    problem = family.check(kwargs) if family.check else None
+    problem = family.check(dict(family.defaults, **kwargs)) if family.check else None
     if problem:
         raise PipelineError(f"{source}: {problem}")
     return kwargs
 
 
 def recorded_kwargs(family: Family, kwargs: Mapping[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
-    """``kwargs`` plus what the built ``model`` has for each argument its weights cannot tell (``Arg.of_model``),
-    for the checkpoint's metadata."""
-    out = dict(kwargs)
+    """``kwargs`` (over the family's ``defaults``) plus what the built ``model`` has for each argument its weights
+    cannot tell (``Arg.of_model``), for the checkpoint's metadata."""
+    out = dict(family.defaults, **kwargs)
     for key, arg in family.args.items():
         if key not in out and arg.of_model is not None:
             out[key] = arg.of_model(model)

@@ -5,7 +5,9 @@
 AdamW (weight decay 0.001 on ≥2-D weights, M and R included; none on biases, norms, pos_embed, cls_token),
 lr = base_lr × global_batch / 512 (base_lr 1e-4), cosine to 1e-6 per iteration, no warm-up. Every trainable
 parameter (M, R and the ViT weights) gets the scaled lr; ``authors_lr_quirk`` reproduces the authors' script,
-which leaves every 2-D weight (M and R included) at 1e-6; ``mr_lr_mult`` (opt-in) gives M and R a multiple of it. Under ``torchrun`` (WORLD_SIZE > 1) the model is
+which leaves every 2-D weight (M and R included) at 1e-6; ``mr_lr_mult`` (opt-in) gives M and R a multiple of it,
+``mr_warmup_iters`` their own linear warm-up (the digits frontier's variants). Under ``torchrun`` (WORLD_SIZE > 1)
+the model is
 wrapped in ``DistributedDataParallel`` and the loader uses a ``DistributedSampler``.
 The same loop with no teacher trains the dense model (the digits demo trains its ViT from scratch with it).
 """
@@ -66,6 +68,7 @@ class TrainConfig:
     smoothing: float = 0.0
     authors_lr_quirk: bool = False
     mr_lr_mult: float = 1.0         # M and R at this multiple of the lr (1: SPEC §5; digits frontier: 10 helps)
+    mr_warmup_iters: Optional[int] = None   # M and R's own linear warm-up (None: warmup_iters, as the rest)
     clip_grad: Optional[float] = None
     amp: bool = False
     seed: int = 0
@@ -106,10 +109,11 @@ def init_distributed(timeout_s: Optional[float] = None) -> Dict[str, int]:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, authors_lr_quirk: bool = False,
-                 mr_lr_mult: float = 1.0) -> List[dict]:
+                 mr_lr_mult: float = 1.0, own_mr_group: bool = False) -> List[dict]:
     """Decay group (≥2-D weights, M and R included) and no-decay group (biases, norms, pos_embed, cls_token).
 
-    mr_lr_mult != 1: M and R leave the decay group for their own (same weight decay) at lr × mr_lr_mult.
+    mr_lr_mult != 1 (or ``own_mr_group``): M and R leave the decay group for their own (same weight decay) at
+    lr × mr_lr_mult.
     On the digits frontier (bench/pareto.py, variant mr_lr10) 10 raised top-1 at every keep rate, paired over
     10 seeds; the default stays SPEC §5's single lr."""
     if isinstance(mr_lr_mult, bool) or not isinstance(mr_lr_mult, (int, float)) or not 0 < mr_lr_mult < math.inf:
@@ -119,7 +123,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, authors_lr_qu
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if mr_lr_mult != 1 and name.rsplit(".", 1)[-1] in ("M", "R"):
+        if (mr_lr_mult != 1 or own_mr_group) and name.rsplit(".", 1)[-1] in ("M", "R"):
             mr.append(p)
         else:
             (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
@@ -128,7 +132,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, authors_lr_qu
               {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr}]
     if mr:
         groups.append({"params": mr, "weight_decay": weight_decay, "lr": decay_lr * mr_lr_mult,
-                       "base_lr": decay_lr * mr_lr_mult})
+                       "base_lr": decay_lr * mr_lr_mult, "structure": True})
     return groups
 
 
@@ -182,7 +186,13 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
         frozen = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("M", "R") and p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-    groups = param_groups(model, lr, cfg.weight_decay, cfg.authors_lr_quirk, cfg.mr_lr_mult)
+    mr_warmup = cfg.warmup_iters if cfg.mr_warmup_iters is None else cfg.mr_warmup_iters
+    if isinstance(mr_warmup, bool) or not isinstance(mr_warmup, int) or mr_warmup < 0:
+        raise ValueError(f"mr_warmup_iters: expected an int >= 0, got {cfg.mr_warmup_iters!r}")
+    groups = param_groups(model, lr, cfg.weight_decay, cfg.authors_lr_quirk, cfg.mr_lr_mult,
+                          own_mr_group=mr_warmup != cfg.warmup_iters)
+    for g in groups:
+        g["warmup"] = mr_warmup if g.get("structure") else cfg.warmup_iters
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     net = model
     if info["distributed"]:
@@ -207,7 +217,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, teacher: Optiona
                 if mixup_fn is not None:
                     images, targets = mixup_fn(images, targets)
                 for g in optimizer.param_groups:
-                    g["lr"] = _lr_at(step, total, g["base_lr"], min(cfg.min_lr, g["base_lr"]), cfg.warmup_iters)
+                    g["lr"] = _lr_at(step, total, g["base_lr"], min(cfg.min_lr, g["base_lr"]), g["warmup"])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = net(images)
                     loss = criterion(images, logits, targets)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 
 __all__ = ["PipelineError", "PipelineWarning", "atomic_write", "save_checkpoint", "load_checkpoint", "save_scores",
-           "load_scores", "save_json", "checkpoint_state_dict"]
+           "load_scores", "save_json", "checkpoint_state_dict", "load_weights"]
 
 FORMAT = "pm_kernels.pipeline/1"
 
@@ -201,3 +201,13 @@ def load_scores(path: str) -> Dict[str, Any]:
     if not bool(torch.isfinite(obj).all()):
         raise PipelineError(f"scores {path}: contains non-finite values")
     return {"scores": obj.float(), "meta": meta}
+
+
+def load_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: str, arch: str) -> None:
+    """``load_state_dict(strict=True)``, a mismatch as one line."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, ValueError, TypeError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise PipelineError(f"checkpoint {checkpoint}: does not fit model {arch!r} ({detail[:200]})") from None

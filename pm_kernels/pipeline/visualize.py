@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import host
 from .io import atomic_write
 
 __all__ = ["layer_assignment", "render_structure"]
@@ -46,17 +47,19 @@ def _colour_table(n: int) -> torch.Tensor:
 
 def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float], std: Sequence[float],
                      title: str = "", alpha: float = 0.75) -> str:
-    """Write the PNG: the image, then one panel per block. ``image`` is one normalised (C, H, W) input."""
+    """Write the PNG: the image, then one panel per block. ``image`` is one normalised (C, H, W) input; ``model``
+    a PM model of any task (its ViT's blocks are drawn)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h, w = model.patch_embed.grid_size
+    h, w = host.grid(model)
+    prefix = host.num_prefix(model)
     img = image.detach().cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     img = img.clamp(0, 1).permute(1, 2, 0)
     grey = img.mean(-1) if img.shape[-1] != 3 else None
     H, W = img.shape[:2]
-    blocks: List = list(model.blocks)
+    blocks: List[host.BlockStructure] = host.block_structures(model)
     n_panels = len(blocks) + 1
     ncols = min(n_panels, 7)
     nrows = (n_panels + ncols - 1) // ncols
@@ -76,8 +79,8 @@ def render_structure(model, image: torch.Tensor, path: str, mean: Sequence[float
     for layer, blk in enumerate(blocks, start=1):
         ax = axes.flat[layer]
         show(ax)
-        a = layer_assignment(blk.M, blk.keep_mask, model.num_prefix_tokens, h * w)
-        k = blk.num_kept(model.num_prefix_tokens + h * w)
+        a = layer_assignment(blk.M, blk.keep_mask, prefix, h * w)
+        k = blk.kept
         colours = _colour_table(k + 1)
         overlay = torch.zeros(h, w, 4)
         owner, centre = a["owner"].view(h, w), a["is_centre"].view(h, w)

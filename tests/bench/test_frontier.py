@@ -14,11 +14,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench import pareto  # noqa: E402
 from bench.frontier import accuracy as acc  # noqa: E402
 from bench.frontier.report import _interp, summarize  # noqa: E402
-from bench.frontier.variants import VARIANTS, finetune_pm, timed_as, variant_structure  # noqa: E402
+from bench.frontier.variants import VARIANTS, timed_as, train_config, variant_structure  # noqa: E402
 from pm_kernels import compress, search_structure  # noqa: E402
 from pm_kernels.pipeline.data import load_data  # noqa: E402
 from pm_kernels.pipeline.finetune import TrainConfig, param_groups, train  # noqa: E402
-from pm_kernels.pipeline.model import DIGITS_VIT, build_model  # noqa: E402
+from pm_kernels.pipeline.families import DIGITS_VIT  # noqa: E402
+from pm_kernels.pipeline.model import build_model  # noqa: E402
 
 
 _REAL_RECIPE = acc.recipe
@@ -40,27 +41,25 @@ def _tiny_recipe(seed):
     return rc
 
 
-def test_finetune_pm_defaults_follow_train():
+def test_variants_fine_tune_with_the_library_options():
+    """A variant is the library's train() with its options: the baseline is the recipe itself, M and R's own lr
+    (mr_lr10) and own warm-up (mr_warmup) each change the result; a bad warm-up is refused."""
     torch.manual_seed(0)
     data = load_data("digits", seed=0)
     dense = build_model(DIGITS_VIT).eval()
     teacher = copy.deepcopy(dense)
     pm = compress(copy.deepcopy(dense), torch.rand(4, 64) + 1e-3, keep_rate=0.5)
     cfg = TrainConfig(epochs=0.1, batch_size=32, lr=5e-4, seed=3, progress=False)
-    a, b = copy.deepcopy(pm), copy.deepcopy(pm)
-    train(a, data, cfg, teacher=teacher, device="cpu")
-    finetune_pm(b, data, cfg, teacher)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
-    assert not torch.equal(a.blocks[0].M, pm.blocks[0].M)           # it trained
-    c = copy.deepcopy(pm)
-    finetune_pm(c, data, cfg, teacher, mr_lr_mult=10.0)
-    assert not torch.allclose(c.blocks[0].M, a.blocks[0].M)          # M and R's own lr changes the result
-    # the library's opt-in (TrainConfig.mr_lr_mult) trains the measured variant mr_lr10
-    d = copy.deepcopy(pm)
-    train(d, data, TrainConfig(**dict(cfg.__dict__, mr_lr_mult=10.0)), teacher=teacher, device="cpu")
-    for (name, pc), (_, pd) in zip(c.named_parameters(), d.named_parameters()):
-        torch.testing.assert_close(pc, pd, atol=1e-6, rtol=1e-5, msg=name)
+    assert train_config(VARIANTS["baseline"], cfg) == cfg
+    trained = {}
+    for name in ("baseline", "mr_lr10", "mr_warmup"):
+        trained[name] = copy.deepcopy(pm)
+        train(trained[name], data, train_config(VARIANTS[name], cfg), teacher=teacher, device="cpu")
+    assert not torch.equal(trained["baseline"].blocks[0].M, pm.blocks[0].M)              # it trained
+    for name in ("mr_lr10", "mr_warmup"):
+        assert not torch.allclose(trained[name].blocks[0].M, trained["baseline"].blocks[0].M), name
+    with pytest.raises(ValueError, match="mr_warmup_iters"):
+        train(copy.deepcopy(pm), data, TrainConfig(**dict(cfg.__dict__, mr_warmup_iters=-1)), teacher=teacher)
 
 
 def test_mr_lr_mult_groups_and_bad_values():
@@ -118,7 +117,7 @@ def test_phases_end_to_end(tmp_path, monkeypatch):
     pareto.main(base + ["accuracy", "--seeds", "0-1", "--keeps", "0.5", "--work", work])
     assert len(calls) == n_first                 # resumed: nothing redone
     pareto.main(base + ["accuracy", "--seeds", "0-1", "--keeps", "0.5", "--work", work, "--variant", "mr_lr10"])
-    assert len(calls) == n_first                 # dense cached; the variant fine-tunes with its own loop
+    assert len(calls) == n_first + 2             # dense cached; per seed one PM row, through train() + options
     seed0 = json.load(open(os.path.join(results, "seed0.json")))
     assert set(seed0["rows"]) == {"dense", "PM keep 0.5", "ToMe keep 0.5", "EViT keep 0.5"}
     pm = seed0["rows"]["PM keep 0.5"]

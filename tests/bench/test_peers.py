@@ -10,8 +10,8 @@ from timm.models.vision_transformer import VisionTransformer
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root: bench
 
 from bench.peers import (default_locations, dense_flops, dims_from_config, evit_flops,  # noqa: E402
-                         match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, pm_flops,
-                         pm_flops_from_counts, tome_flops, vit_flops)
+                         dims_from_model, match_evit_keep_rate, match_tome_r, patch_evit, patch_tome, tome_flops,
+                         vit_flops)
 from bench.peers.flops import evit_token_counts, tome_token_counts  # noqa: E402
 from bench.peers.tome import bipartite_soft_matching, merge_wavg  # noqa: E402
 
@@ -185,31 +185,27 @@ def test_flops_tome_evit_by_counts(tiny):
     assert tome_flops(d, 8) > tome_flops(d, 8, include_overheads=False)
 
 
-def test_pm_flops_reads_block_M(tiny):
-    model = copy.deepcopy(tiny)
-    ks = [65, 40, 30, 20]
-    for blk, k in zip(model.blocks, ks):
-        blk.M = torch.nn.Parameter(torch.zeros(k, N_TINY))
-        blk.R = torch.nn.Parameter(torch.zeros(N_TINY, k))
-    C = 48
-    extra = sum(2 * k * N_TINY * C for k in ks) / 1e9
-    assert pm_flops(model) == pytest.approx(vit_flops(tiny, ks) + extra, rel=1e-12)
-    assert pm_flops(model, include_overheads=False) == pytest.approx(vit_flops(tiny, ks))
-    assert pm_flops(tiny) == pytest.approx(dense_flops(tiny))           # no M: dense blocks
-    model.blocks[0].R = torch.nn.Parameter(torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="block 0"):
-        pm_flops(model)
+def _pm_formula(d, ks):
+    """PM's MACs written out: the blocks on K tokens, plus the merge K×N×C and reconstruct N×K×C of each block with
+    K < N (a block with K = N is the plain block)."""
+    d = d if hasattr(d, "num_tokens") else dims_from_model(d)
+    extra = sum(2 * k * d.num_tokens * d.embed_dim for k in ks if k < d.num_tokens)
+    return vit_flops(d, ks, extra_macs=extra)
 
 
-def test_pm_flops_on_compressed_model(tiny):
-    pm_kernels = pytest.importorskip("pm_kernels")
+def test_pm_macs_are_the_peers_formula(tiny):
+    """The peers are matched to the MACs the PM model is reported with (pm_kernels.measure): the two counts are
+    the same formula, so a matched ToMe / EViT does exactly the PM model's MACs by its own analytic count."""
+    from pm_kernels import compress
+    from pm_kernels.measure import analytic_macs, kept_tokens
     model = copy.deepcopy(tiny)
+    assert analytic_macs(model) / 1e9 == pytest.approx(dense_flops(tiny), rel=1e-12)   # plain blocks: dense
     scores = torch.rand(4, N_TINY - 1, generator=torch.Generator().manual_seed(0)) + 0.01
-    pm_kernels.compress(model, scores, keep_rate=0.6, prune_rate=0.1)
-    ks = [int(b.M.shape[0]) for b in model.blocks]
-    assert all(k < N_TINY for k in ks)
-    assert pm_flops(model) == pytest.approx(pm_flops_from_counts(tiny, ks))
-    assert pm_flops(model) < dense_flops(tiny)
+    compress(model, scores, keep_rate=0.6, prune_rate=0.1, layers=[0, 1, 3])
+    ks = kept_tokens(model)
+    assert ks[2] == N_TINY and all(k < N_TINY for k in ks[:2] + ks[3:])
+    assert analytic_macs(model) / 1e9 == pytest.approx(_pm_formula(tiny, ks), rel=1e-12)
+    assert analytic_macs(model) / 1e9 < dense_flops(tiny)
 
 
 # ---------------------------------------------------------------------------------------- FLOPs matching
@@ -217,7 +213,7 @@ def test_pm_flops_on_compressed_model(tiny):
 @pytest.mark.parametrize("keep", [0.6, 0.4])
 def test_matching_lands_on_target(name, dim, heads, keep):
     d = dims_from_config(224, 16, dim, 12, heads)
-    target = pm_flops_from_counts(d, [1 + round(keep * 196)] * 12)
+    target = _pm_formula(d, [1 + round(keep * 196)] * 12)
     r, g = match_tome_r(d, target)
     assert g == pytest.approx(tome_flops(d, r)) and g == pytest.approx(target, rel=0.02)
     keep_rate, g = match_evit_keep_rate(d, target, [3, 6, 9])

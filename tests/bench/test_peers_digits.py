@@ -8,15 +8,18 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root: bench
 
 from bench import peers_digits as pdg  # noqa: E402
+from bench.common import plain_vit  # noqa: E402
 from bench.peers import dims_from_model, match_evit_keep_rate, match_tome_r, patch_evit, patch_tome  # noqa: E402
-from bench.peers.flops import evit_token_counts, pm_flops, tome_token_counts  # noqa: E402
-from pm_kernels.pipeline.model import DIGITS_VIT, DIGITS_VIT_KWARGS, build_model  # noqa: E402
+from bench.peers.flops import evit_token_counts, tome_token_counts  # noqa: E402
+from pm_kernels.measure import analytic_macs  # noqa: E402
+from pm_kernels.pipeline.families import DIGITS_VIT, DIGITS_VIT_KWARGS  # noqa: E402
+from pm_kernels.pipeline.model import build_model  # noqa: E402
 
 
 def test_plain_vit_computes_the_dense_pm_model():
     torch.manual_seed(0)
     pm = build_model(DIGITS_VIT).eval()
-    vit = pdg.plain_vit(pm, DIGITS_VIT_KWARGS)
+    vit = plain_vit(pm, DIGITS_VIT_KWARGS)
     x = torch.randn(3, *pdg.INPUT)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), pm(x), atol=1e-4, rtol=1e-4)
@@ -26,12 +29,12 @@ def test_plain_vit_computes_the_dense_pm_model():
     n, depth = vit.patch_embed.num_patches + 1, len(vit.blocks)
     with torch.no_grad():
         expected = pm(x)
-        torch.testing.assert_close(patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0)(x), expected,
+        torch.testing.assert_close(patch_tome(plain_vit(pm, DIGITS_VIT_KWARGS), 0)(x), expected,
                                    atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 1.0, [1, 2, 3])(x), expected,
+        torch.testing.assert_close(patch_evit(plain_vit(pm, DIGITS_VIT_KWARGS), 1.0, [1, 2, 3])(x), expected,
                                    atol=1e-4, rtol=1e-4)
-        tome = patch_tome(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 5)
-        evit = patch_evit(pdg.plain_vit(pm, DIGITS_VIT_KWARGS), 0.5, [1, 2, 3])
+        tome = patch_tome(plain_vit(pm, DIGITS_VIT_KWARGS), 5)
+        evit = patch_evit(plain_vit(pm, DIGITS_VIT_KWARGS), 0.5, [1, 2, 3])
         assert tome(x).shape == evit(x).shape == expected.shape
     assert tome._tome_info["tokens"] == [m for _, m in tome_token_counts(n, depth, 5)]
     assert evit._evit_info["tokens"] == [m for _, m in evit_token_counts(n, depth, 0.5, [1, 2, 3])]
@@ -41,10 +44,10 @@ def test_matching_lands_near_pm(tmp_path):
     from pm_kernels import compress
     torch.manual_seed(0)
     pm = build_model(DIGITS_VIT).eval()
-    vit = pdg.plain_vit(pm, DIGITS_VIT_KWARGS)
+    vit = plain_vit(pm, DIGITS_VIT_KWARGS)
     d = dims_from_model(vit)
     compress(pm, torch.rand(4, 64) + 1e-3, keep_rate=0.6, prune_rate=0.1)
-    target = pm_flops(pm)
+    target = analytic_macs(pm) / 1e9
     _, g_tome = match_tome_r(d, target)
     _, g_evit = match_evit_keep_rate(d, target, [1, 2, 3])
     assert abs(g_tome - target) / target < 0.03 and abs(g_evit - target) / target < 0.03
@@ -61,13 +64,6 @@ def test_matching_lands_near_pm(tmp_path):
               "env": {"cpu_name": "cpu", "threads": 1, "loadavg_start": [1.0], "cpu_count": 2}}
     pdg.plot(result, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
-
-
-def test_interleaved_speed_shape():
-    torch.manual_seed(0)
-    vit = pdg.plain_vit(build_model(DIGITS_VIT).eval(), DIGITS_VIT_KWARGS)
-    runs = pdg.interleaved_speed([vit, vit], batch=4, rounds=2, min_time=0.01)
-    assert len(runs) == 2 and all(len(r) == 2 and min(r) > 0 for r in runs)
 
 
 def _seed_result(seed, top1):

@@ -1,8 +1,9 @@
-"""``torchrun`` with 2 CPU processes (gloo) running ``pm-kernels train``: a failing or stuck rank brings the job
-down in seconds, and a normal run writes once, from rank 0.
+"""``torchrun`` with 2 CPU processes (gloo) running ``pm-kernels train`` of every task: a failing or stuck rank
+brings the job down in seconds, and a normal run writes once, from rank 0.
 
-Cost: three 2-process jobs, about 15 s each on an idle 2-core machine (mostly the two ranks importing torch and
-timm), 25-30 s when the machine is busy. Every wait is bounded; a hang fails the test and kills the processes.
+Cost: three 2-process jobs per task, about 15 s each on an idle 2-core machine (mostly the two ranks importing
+torch and timm), 25-30 s when the machine is busy. Every wait is bounded; a hang fails the test and kills the
+processes.
 """
 import json
 import os
@@ -15,16 +16,18 @@ from pathlib import Path
 import pytest
 
 from cli_subprocess import Streamed, alive, children, environ, kill_all
+from task_inputs import FRESH, TASK_NAMES, task_args
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc"),
+              pytest.mark.parametrize("task", TASK_NAMES)]
 
 STARTUP_S = 180  # both ranks import torch and timm, then build the model: slow on a busy 2-core machine
 
 
-def _torchrun(tmp_path: Path, *extra: str, umask=None) -> Streamed:
+def _torchrun(tmp_path: Path, task: str, *extra: str, umask=None) -> Streamed:
     torchrun = Path(sys.executable).with_name("torchrun")
-    argv = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pm_kernels", "train", "--model",
-            "digits_vit", "--batch-size", "16", "--threads", "1", "--out", str(tmp_path / "out.pth"), *extra]
+    argv = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pm_kernels", "train", *task_args(task),
+            *FRESH[task], "--batch-size", "16", "--threads", "1", "--out", str(tmp_path / "out.pth"), *extra]
     return Streamed(argv, umask=umask)
 
 
@@ -43,9 +46,9 @@ def _ranks(job: Streamed) -> dict:
     raise AssertionError(f"torchrun did not start 2 ranks:\n{job.output[-2000:]}")
 
 
-def _start_training(tmp_path: Path, *extra: str):
+def _start_training(tmp_path: Path, task: str, *extra: str):
     """A long training job, once rank 0's progress bar shows that it is in the training loop."""
-    job = _torchrun(tmp_path, "--epochs", "1000", *extra)
+    job = _torchrun(tmp_path, task, "--epochs", "1000", *extra)
     assert job.wait_for("train:", STARTUP_S), f"training never started:\n{job.output[-3000:]}"
     return job, _ranks(job)
 
@@ -55,10 +58,10 @@ def _cleanup(job: Streamed, ranks: dict) -> None:
     job.proc.wait(timeout=30)
 
 
-def test_interrupting_one_rank_ends_the_job(tmp_path):
+def test_interrupting_one_rank_ends_the_job(tmp_path, task):
     """SIGINT to rank 1 only: the job ends within seconds (it hung for good when the error path entered a
     barrier while rank 0 waited in DDP's all-reduce)."""
-    job, ranks = _start_training(tmp_path)
+    job, ranks = _start_training(tmp_path, task)
     try:
         os.kill(ranks[1], signal.SIGINT)
         start = time.monotonic()
@@ -77,10 +80,10 @@ def test_interrupting_one_rank_ends_the_job(tmp_path):
         _cleanup(job, ranks)
 
 
-def test_stuck_rank_times_out(tmp_path):
+def test_stuck_rank_times_out(tmp_path, task):
     """SIGSTOP to rank 1: rank 0 fails at the --dist-timeout (5 s) with one error line instead of waiting
     for the default 30 min."""
-    job, ranks = _start_training(tmp_path, "--dist-timeout", "5")
+    job, ranks = _start_training(tmp_path, task, "--dist-timeout", "5")
     try:
         os.kill(ranks[1], signal.SIGSTOP)
         start = time.monotonic()
@@ -99,11 +102,11 @@ def test_stuck_rank_times_out(tmp_path):
         _cleanup(job, ranks)
 
 
-def test_two_ranks_train_and_rank_0_writes(tmp_path):
+def test_two_ranks_train_and_rank_0_writes(tmp_path, task):
     """A normal 2-process run exits 0; rank 0 alone writes the checkpoint and JSON, with the umask's mode."""
-    from pm_kernels.pipeline.model import load_model
+    from pm_kernels.pipeline.tasks import TASKS
 
-    job = _torchrun(tmp_path, "--max-iters", "3", "--quiet", umask=0o027)
+    job = _torchrun(tmp_path, task, "--max-iters", "3", "--quiet", umask=0o027)
     try:
         assert job.proc.wait(timeout=STARTUP_S + 60) == 0, job.output[-3000:]
     finally:
@@ -111,7 +114,7 @@ def test_two_ranks_train_and_rank_0_writes(tmp_path):
     with open(tmp_path / "out.json") as f:
         result = json.load(f)
     assert result["world_size"] == 2 and result["history"]["iterations"] == 3
-    model, meta = load_model(str(tmp_path / "out.pth"))
+    model, meta = TASKS[task].load(str(tmp_path / "out.pth"))
     assert meta["stage"] == "dense"
     for name in ("out.pth", "out.json"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name

@@ -1,9 +1,11 @@
 """The CLI's promises under hostile input: one ``error:`` line and exit 2 for every bad flag or output path,
 outputs never clobbered by their own results JSON, SIGTERM handled like SIGINT (exit 143, no temp file), temp
 files of a killed writer cleaned, file modes from the umask or the replaced file, one writer per output.
+Every promise that goes through a command is checked for every task (``TASK_NAMES``); the file-level ones
+(atomic writes, temp files, modes, locks) are the same code for all.
 
-Subprocess tests run the real entry point (4 runs, 5-20 s each: mostly importing torch and timm); the flag
-matrix runs ``main()`` in-process (it stops at parsing).
+Subprocess tests run the real entry point (5-20 s each: mostly importing torch and timm); the flag matrix runs
+``main()`` in-process (it stops at parsing).
 """
 import errno
 import os
@@ -15,20 +17,9 @@ import torch
 
 from cli_subprocess import Streamed, cli_command, error_lines, run_cli
 from pm_kernels.cli import main
-from pm_kernels.pipeline.io import PipelineError, atomic_write, save_checkpoint, save_json, save_scores
-from pm_kernels.pipeline.model import build_model
+from pm_kernels.pipeline.io import PipelineError, atomic_write, save_json
+from task_inputs import FRESH, every_task, inputs, task_args  # noqa: F401  (inputs: a fixture)
 
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A 2-block digits ViT checkpoint (untrained: these tests exercise the CLI, not accuracy) and its scores."""
-    folder = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    model = build_model("digits_vit", dict(depth=2))
-    dense = save_checkpoint(model, str(folder / "dense.pth"), {"model": "digits_vit", "model_kwargs": {"depth": 2},
-                                                             "stage": "dense"})
-    scores = save_scores(torch.rand(2, 64) + 0.1, str(folder / "scores.pt"))
-    return {"dense": dense, "scores": scores}
 
 
 def _listing(folder):
@@ -46,26 +37,31 @@ def _main_error(capsys, argv):
 
 # ---------------------------------------------------------------- item 2: --out and its results JSON
 
-def test_out_named_json_is_refused_not_clobbered(files, tmp_path):
+@every_task
+def test_out_named_json_is_refused_not_clobbered(inputs, tmp_path, capsys, task):
+    files = inputs(task)
     target = tmp_path / "y" / "pm.json"
     target.parent.mkdir()
     target.write_text('{"mine": 1}\n')
-    r = run_cli(["compress", "--checkpoint", files["dense"], "--scores", files["scores"], "--out", str(target),
-                 "--quiet"])
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1 and "results JSON would overwrite it" in lines[0], r.stderr
+    line = _main_error(capsys, ["compress", *task_args(task), "--checkpoint", files["dense"], "--scores",
+                                files["scores"], "--out", str(target), "--quiet"])
+    assert "results JSON would overwrite it" in line
     assert target.read_text() == '{"mine": 1}\n' and _listing(target.parent) == ["pm.json"]
 
 
-def test_visualize_out_json_refused(files, tmp_path, capsys):
-    line = _main_error(capsys, ["visualize", "--checkpoint", files["dense"], "--out", str(tmp_path / "v.json")])
+@every_task
+def test_visualize_out_json_refused(inputs, tmp_path, capsys, task):
+    line = _main_error(capsys, ["visualize", *task_args(task), "--checkpoint", inputs(task)["dense"], "--out",
+                                str(tmp_path / "v.json")])
     assert "results JSON" in line and _listing(tmp_path) == []
 
 
-def test_companion_json_may_not_overwrite_an_input(files, tmp_path, capsys):
+@every_task
+def test_companion_json_may_not_overwrite_an_input(inputs, tmp_path, capsys, task):
     checkpoint = tmp_path / "model.json"  # a checkpoint with an unlucky name
-    checkpoint.write_bytes(open(files["dense"], "rb").read())
-    line = _main_error(capsys, ["visualize", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.png")])
+    checkpoint.write_bytes(open(inputs(task)["dense"], "rb").read())
+    line = _main_error(capsys, ["visualize", *task_args(task), "--checkpoint", str(checkpoint), "--out",
+                                str(tmp_path / "model.png")])
     assert "would overwrite the input" in line and _listing(tmp_path) == ["model.json"]
 
 
@@ -75,6 +71,7 @@ _TRAIN = ["train", "--model", "digits_vit", "--max-iters", "1"]
 _FINETUNE = ["finetune", "--model", "digits_vit", "--alpha", "0", "--max-iters", "1"]
 
 
+@every_task
 @pytest.mark.parametrize("argv, flag", [
     (_TRAIN + ["--epochs", "nan"], "--epochs"),
     (_TRAIN + ["--epochs", "inf"], "--epochs"),
@@ -105,30 +102,35 @@ _FINETUNE = ["finetune", "--model", "digits_vit", "--alpha", "0", "--max-iters",
     (["compress", "--model", "digits_vit", "--scores", "s.pt", "--prune-rate", "nan"], "--prune-rate"),
     (["demo", "--keep-rates", "0.5", "inf"], "--keep-rates"),
 ])
-def test_numeric_flag_rejected_at_parse_time(tmp_path, capsys, argv, flag):
+def test_numeric_flag_rejected_at_parse_time(tmp_path, capsys, argv, flag, task):
     out = ["--out", str(tmp_path / "o.pth")] if argv[0] not in ("evaluate", "demo") else []
-    line = _main_error(capsys, argv + out)
+    line = _main_error(capsys, argv + task_args(task) + out)
     assert flag in line and "expected" in line
     assert _listing(tmp_path) == []
 
 
-def test_bad_flag_through_the_entry_point(tmp_path):
-    r = run_cli(_TRAIN + ["--epochs", "nan", "--out", str(tmp_path / "o.pth")])
+@every_task
+def test_bad_flag_through_the_entry_point(tmp_path, task):
+    r = run_cli(["train", *task_args(task), *FRESH[task], "--epochs", "nan", "--out", str(tmp_path / "o.pth")])
     lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("pm-kernels train: error: argument --epochs:") and "'nan'" in lines[0]
 
 
-def test_out_naming_a_folder(files, tmp_path, capsys):
-    line = _main_error(capsys, ["compress", "--checkpoint", files["dense"], "--scores", files["scores"], "--out",
-                                str(tmp_path), "--quiet"])
+@every_task
+def test_out_naming_a_folder(inputs, tmp_path, capsys, task):
+    files = inputs(task)
+    line = _main_error(capsys, ["compress", *task_args(task), "--checkpoint", files["dense"], "--scores",
+                                files["scores"], "--out", str(tmp_path), "--quiet"])
     assert "is a folder" in line and _listing(tmp_path) == []
 
 
-def test_out_under_a_file(files, tmp_path, capsys):
+@every_task
+def test_out_under_a_file(inputs, tmp_path, capsys, task):
+    files = inputs(task)
     (tmp_path / "f").write_text("x")
-    line = _main_error(capsys, ["compress", "--checkpoint", files["dense"], "--scores", files["scores"], "--out",
-                                str(tmp_path / "f" / "pm.pth"), "--quiet"])
+    line = _main_error(capsys, ["compress", *task_args(task), "--checkpoint", files["dense"], "--scores",
+                                files["scores"], "--out", str(tmp_path / "f" / "pm.pth"), "--quiet"])
     assert "not a folder" in line and _listing(tmp_path) == ["f"]
 
 
@@ -142,9 +144,10 @@ def test_write_failure_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- item 6: signals, temp files, modes
 
-def test_sigterm_exits_143_and_leaves_no_temp_file(tmp_path):
+@every_task
+def test_sigterm_exits_143_and_leaves_no_temp_file(tmp_path, task):
     out = tmp_path / "dense.pth"
-    job = Streamed(cli_command() + ["train", "--model", "digits_vit", "--epochs", "1000", "--threads", "1",
+    job = Streamed(cli_command() + ["train", *task_args(task), *FRESH[task], "--epochs", "1000", "--threads", "1",
                                     "--out", str(out)])
     try:
         assert job.wait_for("train:", 120), job.output[-2000:]
@@ -214,17 +217,7 @@ def test_replaced_file_keeps_its_mode(tmp_path, umask_027):
 
 
 # ---------------------------------------------------------------- item 7: one writer per output
-
-def test_second_evaluate_into_a_busy_out_dir_is_refused(files, tmp_path):
-    from pm_kernels.pipeline.outputs import claim_output
-    out_dir = tmp_path / "eval"
-    with claim_output(str(out_dir), is_dir=True):  # a first run holds the folder
-        r = run_cli(["evaluate", "--dense", files["dense"], "--out-dir", str(out_dir), "--repeats", "1", "--quiet"])
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1 and "in use by another pm-kernels run" in lines[0], r.stderr
-    assert f"pid {os.getpid()}" in lines[0]
-    assert _listing(out_dir) == []  # nothing written, and the first run's lock file is gone with it
-
+# (a busy output refused before any work, by every command of every task: tests/pipeline/test_tasks.py)
 
 def test_file_output_lock(tmp_path):
     from pm_kernels.pipeline.outputs import claim_output

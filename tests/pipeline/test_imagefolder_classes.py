@@ -1,5 +1,6 @@
-"""ImageFolder data: one class map, from the training split, labels both splits; unreadable images end the run
-with one line."""
+"""Folder data: an ImageFolder's one class map, from the training split, labels both splits; for every task, a
+folder of its layout whose images do not decode ends the run with one line before any work, and an image that
+stops decoding mid-run is one error."""
 import warnings
 
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 from pm_kernels.cli import main
 from pm_kernels.pipeline.data import load_data
 from pm_kernels.pipeline.io import PipelineError, PipelineWarning
+from pm_kernels.pipeline.tasks import TASKS
+from task_inputs import TASK_NAMES, folder_data, task_args
 
 
 def _folder(root, split_classes, images_per_class=2, corrupt=False):
@@ -74,34 +77,44 @@ def test_cli_prints_the_warning_as_one_line(tmp_path, capsys):
     """The CLI shows the pipeline's warnings as one ``warning:`` line (here, before the run's own error)."""
     root = _folder(tmp_path, {"train": ["a", "b", "c"], "val": ["a", "c"]})
     with pytest.raises(SystemExit) as exc:
-        main(["calibrate", "--model", "digits_vit", "--data", root, "--out", str(tmp_path / "s.pt")])
+        main(["calibrate", "--model", "digits_vit", "--data", root, "--out", str(tmp_path / "s.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert err[0].startswith("pm-kernels calibrate: warning: data") and "(b)" in err[0]
-    assert err[1].startswith("pm-kernels calibrate: error: data") and "3-channel" in err[1]
+    assert err[1].startswith("pm-kernels calibrate: error: output") and "results JSON" in err[1]
 
 
-def test_corrupt_images_are_one_error_line(tmp_path, capsys):
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_corrupt_images_are_one_error_line(tmp_path, capsys, task):
     """Every image corrupt: exit 2 and one line before any training (it was a PIL traceback, exit 1)."""
-    root = _folder(tmp_path / "data", {"train": ["a", "b"], "val": ["a", "b"]}, corrupt=True)
+    root = folder_data(task, tmp_path / "data", corrupt=True)
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", root, "--max-iters", "1",
-              "--batch-size", "2", "--quiet", "--out", str(tmp_path / "o.pth")])
+        main(["train", *task_args(task), "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", root,
+              "--max-iters", "1", "--batch-size", "2", "--quiet", "--out", str(tmp_path / "o.pth")])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert exc.value.code == 2 and len(lines) == 1, lines
-    assert "images can be read" in lines[0] and "Traceback" not in lines[0]
+    assert "can" in lines[0] and "read" in lines[0] and "Traceback" not in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
-def test_an_unreadable_image_mid_run_is_one_error(tmp_path):
-    """The split wrapper: timm's error after its retries becomes a PipelineError naming the folder."""
-    root = _folder(tmp_path, {"train": ["a"], "val": ["a"]})
+def _images(data):
+    """The image files of a split (either task's layout)."""
+    if hasattr(data, "samples"):
+        return [path for path, _ in data.samples]
+    return [image for image, _ in data.pairs]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_an_unreadable_image_mid_run_is_one_error(tmp_path, task):
+    """An image broken after the checks at load: a PipelineError naming the file or folder (for an ImageFolder,
+    timm's error after its retries), and the untouched split still reads."""
+    root = folder_data(task, tmp_path, splits={"train": ["a"], "val": ["a"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PipelineWarning)
-        data = load_data(root, img_size=8)
-    for path, _ in data.train.samples:
+        data = TASKS[task].load_data(root, img_size=8)
+    for path in _images(data.train):
         with open(path, "wb") as f:
             f.write(b"broken after the check")
-    with pytest.raises(PipelineError, match="cannot be read"):
+    with pytest.raises(PipelineError, match="cannot (be )?read"):
         data.train[0]
     assert isinstance(data.test[0][0], torch.Tensor)  # the untouched split still reads

@@ -8,8 +8,8 @@ import torch
 
 from pm_kernels.cli import main
 from pm_kernels.pipeline.io import PipelineError
-from pm_kernels.pipeline.seg_data import ADE20K, ade20k, digits_segmentation
-from pm_kernels.pipeline.segmentation import confusion_matrix, miou_from_confusion
+from pm_kernels.pipeline.tasks.segmentation import confusion_matrix, miou_from_confusion
+from pm_kernels.pipeline.tasks.segmentation_data import ADE20K, ade20k, digits_segmentation
 
 
 @pytest.fixture(scope="module")

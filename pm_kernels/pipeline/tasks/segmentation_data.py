@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..segmenter import IGNORE_INDEX
-from .data import DataBundle
-from .io import PipelineError
+from ...segmenter import IGNORE_INDEX
+from ..data import DataBundle
+from ..io import PipelineError
 
 __all__ = ["DigitsSegmentation", "digits_segmentation", "ADE20K", "ade20k", "load_seg_data", "DIGITS_SEG_CLASSES",
            "DIGITS_SEG_SIZE", "ADE_MEAN", "ADE_STD"]
@@ -50,6 +50,22 @@ class DigitsSegmentation(Dataset):
         return self.images[i], self.labels[i]
 
 
+def _first_fit(gen: torch.Generator, high: int, tries: int, fits) -> Optional[Tuple[int, int]]:
+    """The first of ``tries`` positions (y, x), each drawn uniformly in [0, high)², for which ``fits(y, x)``, or
+    None. The generator ends where ``tries`` one-pair draws stopping at the first fit would leave it (the canvases
+    of a seed do not change): the pairs are drawn in one call, then the state is rewound to just past the pair
+    used. One call instead of one per try: a crowded canvas tries dozens of places per digit."""
+    state = gen.get_state()
+    pairs = torch.randint(0, high, (tries, 2), generator=gen).tolist()
+    for t, (y, x) in enumerate(pairs):
+        if fits(y, x):
+            if t + 1 < tries:
+                gen.set_state(state)
+                torch.randint(0, high, (t + 1, 2), generator=gen)
+            return y, x
+    return None
+
+
 def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen: torch.Generator,
               min_digits: int = 2, max_digits: int = 4, sides: Tuple[int, ...] = (16,), step: int = 4,
               overlap: bool = False, tries: int = 50, background_noise: float = 0.0):
@@ -71,14 +87,12 @@ def _canvases(scans: torch.Tensor, digits: torch.Tensor, n: int, size: int, gen:
         for _ in range(count):
             j = int(torch.randint(0, scans.shape[0], (1,), generator=gen))
             side = sides[int(torch.randint(0, len(sides), (1,), generator=gen))]
-            for _ in range(tries):
-                y, x = torch.randint(0, (size - side) // step + 1, (2,), generator=gen).tolist()
-                y, x = step * y, step * x
-                if overlap or not any(y < by + bs and by < y + side and x < bx + bs and bx < x + side
-                                      for by, bx, bs in boxes):
-                    break
-            else:
+            place = _first_fit(gen, (size - side) // step + 1, tries, lambda y, x: overlap or not any(
+                step * y < by + bs and by < step * y + side and step * x < bx + bs and bx < step * x + side
+                for by, bx, bs in boxes))
+            if place is None:
                 continue
+            y, x = step * place[0], step * place[1]
             boxes.append((y, x, side))
             ink = resized[side][j]
             patch = images[i, 0, y:y + side, x:x + side]
@@ -202,12 +216,17 @@ def ade20k(root: str, crop_size: int = 512, mean=ADE_MEAN, std=ADE_STD) -> DataB
     root = inner if os.path.isdir(inner) else root
     train = ADE20K(root, "training", crop_size, train=True, mean=mean, std=std)
     val = ADE20K(root, "validation", crop_size, train=False, mean=mean, std=std)
+    for split in (train, val):  # fail now, not in the middle of a run, when a split's first pair does not decode
+        split._read(0)
     return DataBundle(root, train, val, num_classes=150, in_chans=3, img_size=crop_size, mean=tuple(mean),
                       std=tuple(std))
 
 
-def load_seg_data(spec: str, img_size: Optional[int] = None) -> DataBundle:
-    """``digits`` (the embedded task) or an ADE20K-layout folder."""
+def load_seg_data(spec: str, img_size: Optional[int] = None, **options) -> DataBundle:
+    """``digits`` (the embedded task; ``options``: ``n_train``, ``n_val``, ``background_noise``) or an
+    ADE20K-layout folder."""
     if spec == "digits":
-        return digits_segmentation(img_size=img_size or DIGITS_SEG_SIZE)
+        return digits_segmentation(img_size=img_size or DIGITS_SEG_SIZE, **options)
+    if options:
+        raise PipelineError(f"data {spec}: options {', '.join(sorted(options))} are for the digits canvases only")
     return ade20k(spec, crop_size=img_size or 512)
