@@ -421,3 +421,28 @@ def test_other_sam_family_models_are_refused_by_name():
     model = SamHQVisionModel(SamHQVisionConfig(**VISION))
     with pytest.raises(TypeError, match=r"SamHQVisionModel is not supported .*supports SAM's ViT image encoder"):
         pm_kernels.patch(model)
+
+
+def test_the_triton_kernels_run_sam_layers():
+    """Head dim 32 (Triton's smallest), under the interpreter without a GPU: the compressed layers' per-window
+    key positions with the −inf column of empty slots, and calibration's per-window scores, as the torch backend."""
+    torch.manual_seed(0)
+    model = randomise(VisionTransformerSAM(img_size=40, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                           window_size=3, global_attn_indexes=(1,), use_rel_pos=True, neck_chans=0,
+                                           num_classes=0), 0).eval()
+    pm = pm_kernels.patch(model)
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    loss = lambda out, _: out.sin().sum()  # noqa: E731
+    scores = {}
+    for backend in ("torch", "triton"):
+        pm_kernels.set_backend(pm, backend)
+        scores[backend] = pm_kernels.calibrate(pm, [(x, None)], loss)
+    assert (scores["triton"] - scores["torch"]).abs().max() <= 1e-4 * scores["torch"].abs().max()
+    pm_kernels.compress(pm, scores["torch"], keep_rate=0.7, prune_rate=0.1)
+    assert any(bool((b.centre_slot < 0).any()) for b in pm.blocks)
+    out = {}
+    for backend in ("torch", "triton"):
+        pm_kernels.set_backend(pm, backend)
+        with torch.no_grad():
+            out[backend] = pm(x)
+    assert (out["triton"] - out["torch"]).abs().max() <= 1e-4 * out["torch"].abs().max()
