@@ -389,6 +389,20 @@ def test_segmenter_on_a_sam_backbone():
         assert (pm_kernels.optimize(seg)(x) - want).abs().max() <= 1e-4
 
 
+def test_another_image_size_interpolates_the_global_tables_as_timm_does():
+    dense = build("timm")
+    pm = pm_kernels.patch(copy.deepcopy(dense))
+    x = torch.randn(1, 3, 72, 72, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # a 9×9 grid: the global block's 15-row tables are interpolated to 17 rows
+        assert (pm(x) - dense(x)).abs().max() <= 1e-9 * dense(x).abs().max()
+    pm_kernels.compress(pm, torch.rand(DEPTH, 81) + 0.1, keep_rate=0.6, img_size=72)
+    with torch.no_grad():
+        out = pm(x)
+        assert torch.isfinite(out).all() and (pm_kernels.optimize(pm)(x) - out).abs().max() <= 1e-9
+    with pytest.raises(ValueError, match=r"built for 72x72 images"):
+        pm(images(batch=1))
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 def test_what_cannot_be_compressed_or_returned_is_refused():
