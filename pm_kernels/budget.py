@@ -23,7 +23,7 @@ from torch import nn
 
 from ._checks import check_rate
 from .hosts import host_of
-from .measure.macs import pm_macs
+from .measure.macs import grid_of_count, pm_macs
 from .structure import LayerStructure, default_prune_rate, search_structure
 
 __all__ = ["BudgetResult", "pm_macs", "budget_keep_rate"]
@@ -69,11 +69,15 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
     if prune_rate is None:
         prune_rate = default_prune_rate(thresholds)
     prune_rate = check_rate("prune_rate", prune_rate, low_open=False)
+    kept_of = lambda st: [s.keep for s in st]  # noqa: E731
     if isinstance(model_or_macs, nn.Module):
         model = model_or_macs
+        host = host_of(model)
         if num_prefix is None:
-            num_prefix = host_of(model).num_prefix(model)
-        gmacs_of = lambda st: pm_macs(model, [s.keep for s in st], scores.shape[1]) / 1e9  # noqa: E731
+            num_prefix = host.num_prefix(model)
+        # tokens each layer runs on (a windowed layer's K per window, times its windows)
+        kept_of = lambda st: host.kept_tokens(model, st, grid_of_count(model, scores.shape[1]))  # noqa: E731
+        gmacs_of = lambda st: pm_macs(model, kept_of(st), scores.shape[1]) / 1e9  # noqa: E731
     elif callable(model_or_macs):
         gmacs_of = model_or_macs
     else:
@@ -100,7 +104,7 @@ def budget_keep_rate(scores: torch.Tensor, model_or_macs: Union[nn.Module, Calla
             st = search_structure(scores, keep_rate=keep_for(counts[i]), prune_rate=prune_rate,
                                   depth_discount=depth_discount, num_prefix=num_prefix, thresholds=thresholds,
                                   layers=layers)
-            cache[i] = (float(gmacs_of(st)), [s.keep for s in st])
+            cache[i] = (float(gmacs_of(st)), kept_of(st))
         return cache[i]
 
     lo_g, hi_g = evaluate(0)[0], evaluate(len(counts) - 1)[0]

@@ -2,6 +2,7 @@
 
 Per batch and layer, with A the attention probabilities and dA = ∂L/∂A:
     v_k = (1 / (B·H·N)) · Σ_{b,h,q} A[b,h,q,k] · dA[b,h,q,k]        (patch keys k: prefix tokens dropped)
+(a windowed attention: over the queries of the key's window, 1 / (B·H·w²); docs/windowed_attention.md §2)
     S_k ← S_k + |v_k|                                                 (absolute value after the sum)
 ``pm_kernels.attention`` adds Σ P ⊙ dP per key into a buffer during backward: no N×N matrix is kept.
 The model's weights are not updated (the authors' lr of 1e-6 is a measurement, not training).
@@ -85,10 +86,11 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError("loss_fn: expected a scalar loss tensor")
                 torch.autograd.grad(loss, state["x"])
-            norm = images.shape[0] * state["n"]
-            for layer, (layer_module, buf) in enumerate(zip(layers, state["buffers"])):
-                heads = host.num_heads(layer_module)
-                state["scores"][layer] += (buf[prefix:].double().cpu() / (norm * heads)).abs()
+            for layer, (layer_module, attn, buf) in enumerate(zip(layers, attentions, state["buffers"])):
+                # B·H·(queries that see a key: all N, or a windowed attention's window)
+                norm = images.shape[0] * host.num_heads(layer_module) * (getattr(attn, "score_queries", None)
+                                                                         or state["n"])
+                state["scores"][layer] += (buf[prefix:].double().cpu() / norm).abs()
             n_batches += 1
     finally:
         hook.remove()

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from . import dispatch, token_ops
 from .attention import attention_features, run_attention
 from .block import check_structure, check_tokens
+from .structure import LayerStructure, layer_matrices
 
 __all__ = ["PMAttentionMixin", "PMBlockMixin", "PMBlocks", "attend"]
 
@@ -57,6 +58,8 @@ class PMAttentionMixin:
 
     ``score_accumulator``: when set to a float32 (N,) tensor, the backward pass adds Σ_{b,h,q} P ⊙ dP into it.
     ``backend``: auto | triton | torch (set by ``pm_kernels.set_backend``).
+    ``score_queries`` (class attribute, optional): the queries that see a key when not all N do (a windowed
+    attention's window); calibration normalises by it.
     """
 
     def init_pm(self) -> None:
@@ -151,6 +154,16 @@ class PMBlockMixin:
         check_structure(M, R, keep_mask, n)
         self._check_prefix_kept(keep_mask, "keep_mask")
         self._install(M, R, keep_mask)
+
+    def install_searched(self, structure: LayerStructure, scores: torch.Tensor, grid: Tuple[int, int]) -> None:
+        """Install the layer's searched ``structure``: M from its (num_patches,) ``scores`` (SPEC §2), R = pinv(M),
+        the keep mask; the identity when every patch is a centre. ``grid``: the patch grid it is for."""
+        matrices = layer_matrices(structure, scores, grid)
+        if matrices is None:  # every patch its own centre: the identity, run as the dense layer
+            self.set_identity()
+        else:
+            self.set_structure(*matrices, n_tokens=structure.num_prefix + grid[0] * grid[1])
+            self.pm_grid = tuple(grid)
 
     def set_identity(self) -> None:
         """The identity structure: the dense block, no M, R, keep_mask."""

@@ -109,10 +109,12 @@ def optimize(model, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         raise TypeError(f"model: expected a PM model (pm_kernels.patch / compress), got {type(backbone).__name__}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
-    P = host.num_prefix(backbone)
-    grid = structure_grid(host.layers(backbone), P, host.grid(backbone)) or host.grid(backbone)
-    folded = FoldedLayers(host.layers(backbone), P + grid[0] * grid[1], P, host.reference_tensor(backbone),
-                          backend=backend, dtype=dtype)
+    folded = host.fold_layers(backbone, backend, dtype)  # a host whose layers need their own folded form
+    if folded is None:
+        P = host.num_prefix(backbone)
+        grid = structure_grid(host.layers(backbone), P, host.grid(backbone)) or host.grid(backbone)
+        folded = FoldedLayers(host.layers(backbone), P + grid[0] * grid[1], P, host.reference_tensor(backbone),
+                              backend=backend, dtype=dtype)
     fast = host.optimize(backbone, folded)
     if backbone is not model:  # a task model: its own optimized form around the folded backbone
         fast = model.pm_optimized(fast)

@@ -15,7 +15,7 @@ from .block import check_structure
 from .dispatch import model_backend
 from .hosts import host_of, layer_body, resolve
 from .hosts.base import structure_grid as _structure_grid
-from .structure import LayerStructure, structure_matrices
+from .structure import LayerStructure
 
 __all__ = ["is_patched", "num_tokens", "structure_grid", "check_scores", "grid_of_size", "install_structure",
            "set_backend", "fused_block", "require_patched"]
@@ -115,13 +115,8 @@ def install_structure(model, structure: Sequence[LayerStructure], scores: torch.
                              f"(this model's prefix tokens), got {st!r:.80}")
     if any(bool(st.pruned.any() or not st.centres.all()) for st in structure):
         host.check_compressible(model)
-    n = P + grid[0] * grid[1]
-    for blk, matrices in zip(layers, structure_matrices(structure, scores, grid)):
-        if matrices is None:  # every patch its own centre: the identity, run as the dense layer
-            blk.set_identity()
-        else:
-            blk.set_structure(*matrices, n_tokens=n)
-            blk.pm_grid = grid
+    for blk, st, layer_scores in zip(layers, structure, scores):
+        blk.install_searched(st, layer_scores, grid)
 
 
 def set_backend(model, backend: str) -> None:

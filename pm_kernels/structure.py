@@ -13,7 +13,7 @@ import torch
 from ._checks import check_rate, check_tensor
 
 __all__ = ["LayerStructure", "THRESHOLDS", "build_merge_matrix", "init_reconstruct", "search_structure", "identity_structure",
-           "structure_matrices"]
+           "structure_matrices", "layer_matrices"]
 
 
 @dataclass
@@ -140,14 +140,17 @@ def structure_matrices(structure: Sequence[LayerStructure], scores: torch.Tensor
                        ) -> List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """(M, R, keep_mask) per layer: M from the layer's scores (SPEC §2), R = pinv(M); None for a layer whose
     structure is the identity (every patch its own centre: nothing to merge, nothing to build)."""
-    matrices = []
-    for layer, st in enumerate(structure):
-        if bool(st.centres.all()):
-            matrices.append(None)
-            continue
-        M = build_merge_matrix(scores[layer].float(), st.pruned.cpu(), st.centres.cpu(), grid_size, st.num_prefix)
-        matrices.append((M, init_reconstruct(M), st.keep_mask.cpu()))
-    return matrices
+    return [layer_matrices(st, scores[layer], grid_size) for layer, st in enumerate(structure)]
+
+
+def layer_matrices(structure: LayerStructure, scores: torch.Tensor, grid_size: Sequence[int]
+                   ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(M, R, keep_mask) of one layer from its (num_patches,) scores; None for the identity structure."""
+    if bool(structure.centres.all()):
+        return None
+    M = build_merge_matrix(scores.float(), structure.pruned.cpu(), structure.centres.cpu(), grid_size,
+                           structure.num_prefix)
+    return M, init_reconstruct(M), structure.keep_mask.cpu()
 
 
 def _check_num_prefix(num_prefix) -> int:

@@ -2,8 +2,8 @@
 
 - Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET must be on before triton or
   pm_kernels' kernel modules are imported, and pytest imports this file before any test module.
-- The shared test modules (helpers.py, formulas.py, triton_aot.py) are imported by name, whatever the import
-  mode pytest is configured with.
+- The shared test modules (helpers.py, formulas.py, windowed_formula.py, triton_aot.py) are imported by name,
+  whatever the import mode pytest is configured with.
 - ``one_torch_thread``: a module fixture, one torch thread while the module runs (the CPU is shared).
 - Markers: ``slow`` (CI runs them; ``-m "not slow"`` leaves them out locally), ``gpu`` (the GPU-only matrix,
   run first on a machine with a GPU, where device time is short).

@@ -81,12 +81,17 @@ def test_no_import_cycle_in_the_package():
 HOST_NAMES = {
     "timm": {"patch_embed", "num_prefix_tokens", "blocks", "forward_head", "forward_features", "global_pool",
              "fc_norm", "attn_pool", "norm_pre", "patch_drop", "_pos_embed", "reset_classifier",
-             "dynamic_img_size", "grid_size", "head_dist", "no_embed_class", "attn"},
+             "dynamic_img_size", "grid_size", "head_dist", "no_embed_class", "attn",
+             # SAM (VisionTransformerSAM); the names transformers' SAM shares are in both sets
+             "neck", "rel_pos_h", "rel_pos_w", "use_rel_pos", "rope_global", "rope_window", "pos_drop"},
     "transformers": {"vision_model", "vision_config", "text_model", "_attn_implementation", "hidden_size",
                      "num_hidden_layers", "num_attention_heads", "post_layernorm", "pre_layrnorm",
                      "patch_embeddings", "last_hidden_state", "pooler_output", "layernorm_before",
                      "layernorm_after", "self_attn", "get_image_features", "num_register_tokens",
-                     "output_attentions", "output_hidden_states", "set_attn_implementation", "to_tuple"},
+                     "output_attentions", "output_hidden_states", "set_attn_implementation", "to_tuple",
+                     # SAM (SamVisionEncoder), with the names it shares with timm's
+                     "vision_encoder", "layer_norm1", "layer_norm2", "get_rel_pos", "attn", "patch_embed",
+                     "neck", "rel_pos_h", "rel_pos_w", "use_rel_pos"},
     "open_clip": {"visual", "resblocks", "conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post",
                   "in_proj_weight", "in_proj_bias", "encode_image", "trunk", "attn", "attn_pool", "grid_size",
                   "ln_1", "ln_2", "ls_1", "ls_2", "_embeds", "_pool", "pool_type", "output_tokens", "patch_dropout"},
@@ -117,10 +122,12 @@ def test_host_names_are_read_only_in_their_host():
 def test_the_host_name_check_finds_a_planted_read():
     planted = "def grid(model):\n    return model.patch_embed.grid_size, model.visual, self.blocks\n"
     found = sorted((library, name) for _, library, name in _host_name_reads(planted, "pm_kernels/calibrate.py"))
-    assert found == [("open_clip", "grid_size"), ("open_clip", "visual"), ("timm", "grid_size"), ("timm", "patch_embed")]
+    assert found == [("open_clip", "grid_size"), ("open_clip", "visual"), ("timm", "grid_size"), ("timm", "patch_embed"),
+                     ("transformers", "patch_embed")]
     assert [name for _, _, name in _host_name_reads(planted, "pm_kernels/hosts/timm/model.py")] == ["visual"]
     # a name two libraries share is theirs to read: grid_size in the open_clip host, not open_clip's visual in timm's
-    assert [name for _, _, name in _host_name_reads(planted, "pm_kernels/hosts/open_clip.py")] == ["patch_embed"]
+    assert [(library, name) for _, library, name in _host_name_reads(planted, "pm_kernels/hosts/open_clip.py")] == [
+        ("timm", "patch_embed"), ("transformers", "patch_embed")]  # SAM's encoder has a patch_embed in both
 
 
 OPTIONAL_HOSTS = {"transformers": "pm_kernels/hosts/transformers", "open_clip": "pm_kernels/hosts/open_clip"}

@@ -5,7 +5,8 @@ imported the first time a model of its library is seen, so transformers and open
 who use them.
 
 Adding a host: a module ``pm_kernels/hosts/<library>.py`` defining ``HOST`` (a ``Host`` subclass instance), and
-a row here.
+a row here. A library whose models need two hosts (timm's and transformers' SAM encoders next to their ViTs)
+lists them all in the module's ``HOSTS``; a model goes to the first that supports it.
 """
 import importlib
 from typing import Dict, List, Tuple
@@ -22,12 +23,14 @@ HOSTS: Dict[str, str] = {
     "transformers": "pm_kernels.hosts.transformers",
     "open_clip": "pm_kernels.hosts.open_clip",
 }
-_LOADED: Dict[str, Host] = {}
+_LOADED: Dict[str, Tuple[Host, ...]] = {}
 
 
-def _host(package: str) -> Host:
+def _hosts(package: str) -> Tuple[Host, ...]:
+    """The hosts of a library: its module's ``HOSTS``, or its one ``HOST`` (the library's main host first)."""
     if package not in _LOADED:
-        _LOADED[package] = importlib.import_module(HOSTS[package]).HOST
+        module = importlib.import_module(HOSTS[package])
+        _LOADED[package] = tuple(getattr(module, "HOSTS", (module.HOST,)))
     return _LOADED[package]
 
 
@@ -49,11 +52,11 @@ def host_of(model) -> Host:
                         f"got {type(model).__name__}")
     libraries = _libraries(model)
     for package in libraries:
-        host = _host(package)
-        if host.supports(model):
-            return host
+        for host in _hosts(package):
+            if host.supports(model):
+                return host
     if libraries:
-        raise TypeError(f"model: {_host(libraries[0]).explain_unsupported(model)}")
+        raise TypeError(f"model: {_hosts(libraries[0])[0].explain_unsupported(model)}")
     raise TypeError(f"model: {type(model).__name__} is not a model of a library pm_kernels supports "
                     f"({', '.join(HOSTS)}): expected a ViT from one of them")
 
@@ -77,8 +80,9 @@ def patch(model):
 def layer_body(layer: nn.Module):
     """z → the pre-norm body of a supported host's plain (unpatched) layer, e.g. a timm ``Block``."""
     for package in _libraries(layer):
-        body = _host(package).layer_body(layer)
-        if body is not None:
-            return body
+        for host in _hosts(package):
+            body = host.layer_body(layer)
+            if body is not None:
+                return body
     raise TypeError(f"block: expected a PM layer or a supported host's pre-norm layer (e.g. a timm Block), "
                     f"got {type(layer).__name__}")

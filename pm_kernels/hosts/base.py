@@ -12,7 +12,7 @@ the K merged tokens (``pm_kernels.layers``).
 A *task model* (``pm_kernels.Segmenter``) is not a host model: it names its backbone in ``pm_backbone``, and
 the operations act on that backbone (``resolve``).
 """
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -70,6 +70,18 @@ class Host:
         """Multiply-adds of the layer's linear maps per token (qkv, projection, MLP of any width or gating)."""
         return sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
 
+    def layer_macs(self, model: nn.Module, layer: nn.Module, kept: int, grid: Tuple[int, int]) -> int:
+        """Multiply-adds of ``layer`` on one image of the patch ``grid`` when its body runs on ``kept`` tokens
+        (``kept`` = N, all tokens: the dense layer): its linear maps on the kept tokens, the attention products
+        2·K²·width, the merge and reconstruct products 2·K·N·C of a compressed layer."""
+        n = self.num_prefix(model) + grid[0] * grid[1]
+        merge = 2 * kept * n * self.embed_dim(model) if kept < n else 0
+        return kept * self.layer_macs_per_token(layer) + 2 * kept * kept * self.attention_width(layer) + merge
+
+    def kept_tokens(self, model: nn.Module, structure: Sequence[Any], grid: Tuple[int, int]) -> List[int]:
+        """Tokens each layer's body runs on under the searched ``structure`` (one ``LayerStructure`` per layer)."""
+        return [st.keep for st in structure]
+
     # ---- tokens and grid
 
     def num_prefix(self, model: nn.Module) -> int:
@@ -126,6 +138,11 @@ class Host:
         """The deployable model: ``model``'s call and output type, its layers run as ``folded`` (a
         ``pm_kernels.optimize.FoldedLayers``). Must set ``pm_source`` (the PM model) on what it returns."""
         raise NotImplementedError
+
+    def fold_layers(self, model: nn.Module, backend: str, dtype: Optional[torch.dtype]) -> Optional[nn.Module]:
+        """The folded layers of ``optimize`` when this host's layers need their own form (windowed layers); None:
+        the generic ``pm_kernels.optimize.FoldedLayers``."""
+        return None
 
     def head_reads_prefix_only(self, model: nn.Module) -> bool:
         """The model's output depends on the prefix tokens of the last layer only (so the folded exit may

@@ -4,19 +4,21 @@
 FLOPs / 2. The analytic count (``pm_macs``) covers the patch embedding, every linear map of a layer on its K
 tokens, the attention products 2·K²·(heads · head dim), the merge and reconstruct products 2·K·N·C of a compressed
 layer, and the head on the token(s) it reads; norms, activations, softmax and rotary embeddings are not counted.
-The model's host (``pm_kernels.hosts``) says what each part is. The traced
+The model's host (``pm_kernels.hosts``) says what each part is (``Host.layer_macs``: a windowed layer of SAM counts
+its windows, their padding and its relative-position products, docs/windowed_attention.md §4). The traced
 count (``traced_macs``) is whatever ``FlopCounterMode`` sees in one forward, with the formulas pm_kernels registers
 for its attention ops: use it for what actually runs (an ``optimize``d model folds its boundaries and does fewer
 MACs than its structure says; a Segmenter adds its decoder).
 """
-from typing import Callable, List, Optional, Sequence
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..hosts import host_of
 
-__all__ = ["pm_macs", "kept_tokens", "analytic_macs", "traced_macs"]
+__all__ = ["pm_macs", "grid_of_count", "kept_tokens", "analytic_macs", "traced_macs"]
 
 
 def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = None) -> int:
@@ -27,18 +29,25 @@ def pm_macs(model: nn.Module, kept: Sequence[int], num_patches: Optional[int] = 
     layers = host.layers(model)
     if len(kept) != len(layers):
         raise ValueError(f"kept: expected one token count per layer ({len(layers)}), got {len(kept)}")
-    h, w = host.grid(model)
-    n_patches = h * w if num_patches is None else int(num_patches)
-    n = n_patches + host.num_prefix(model)
-    c = host.embed_dim(model)
-    macs = host.embed_macs(model, n_patches)
+    grid = grid_of_count(model, num_patches)
+    n = grid[0] * grid[1] + host.num_prefix(model)
+    macs = host.embed_macs(model, grid[0] * grid[1])
     for layer, k in zip(layers, kept):
         k = int(k)
         if not 0 < k <= n:
             raise ValueError(f"kept: expected counts in [1, {n}], got {k}")
-        macs += (k * host.layer_macs_per_token(layer) + 2 * k * k * host.attention_width(layer)
-                 + (2 * k * n * c if k < n else 0))
+        macs += host.layer_macs(model, layer, k, grid)  # a windowed layer (SAM) counts its windows
     return macs + host.head_macs(model)
+
+
+def grid_of_count(model: nn.Module, num_patches: Optional[int] = None) -> Tuple[int, int]:
+    """The patch grid of ``num_patches`` patches: the model's own when the count is its (or None), else the
+    square one (a windowed layer's MACs depend on the grid's shape, not only its count: windows, padding)."""
+    own = tuple(host_of(model).grid(model))
+    if num_patches is None or int(num_patches) == own[0] * own[1]:
+        return own
+    side = math.isqrt(int(num_patches))
+    return (side, side) if side * side == int(num_patches) else (1, int(num_patches))
 
 
 def kept_tokens(model: nn.Module) -> List[int]:

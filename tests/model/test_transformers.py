@@ -19,7 +19,7 @@ from transformers import (CLIPConfig, CLIPForImageClassification, CLIPModel, CLI
                           DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Backbone, Dinov2Config,
                           Dinov2ForImageClassification, Dinov2Model, Dinov2WithRegistersBackbone,
                           Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification,
-                          Dinov2WithRegistersModel, SamConfig, SamModel, SamVisionConfig, SamVisionModel,
+                          Dinov2WithRegistersModel,
                           Siglip2VisionConfig, Siglip2VisionModel, SiglipConfig, SiglipForImageClassification,
                           SiglipModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTForImageClassification,
                           ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEModel, ViTModel)
@@ -382,14 +382,7 @@ TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermed
             patch_size=8)
 
 
-SAM_VISION = dict(TINY, output_channels=16, window_size=2, global_attn_indexes=[0])
-
-
 @pytest.mark.parametrize("make, match", [
-    (lambda: SamVisionModel(SamVisionConfig(**SAM_VISION)),
-     r"SamVisionModel is not supported by Prune-and-Merge: SAM's vision encoder uses windowed attention"),
-    (lambda: SamModel(SamConfig(vision_config=SAM_VISION)).vision_encoder,
-     r"SamVisionEncoder is not supported by Prune-and-Merge: SAM's vision encoder uses windowed attention"),
     (lambda: Siglip2VisionModel(Siglip2VisionConfig(**{k: v for k, v in TINY.items() if k != "image_size"})),
      r"Siglip2VisionModel is not supported .*NaFlex.*different patch grid per image"),
     (lambda: ViTMAEModel(ViTMAEConfig(**TINY, mask_ratio=0.75)),

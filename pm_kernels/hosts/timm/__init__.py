@@ -1,8 +1,9 @@
 """The timm host: timm's ViTs (``VisionTransformer`` and subclasses, ``Eva``) for pm_kernels.
 
 The only place of the package that reads timm's names (``patch_embed``, ``blocks``, ``num_prefix_tokens``,
-``forward_head``, ...): the PM classes and ``patch_timm`` (``model``), EVA's rotary blocks (``eva``), the
-``pm_*`` registry entries (``registry``) and ``TimmHost`` below.
+``forward_head``, ...): the PM classes and ``patch_timm`` (``model``), EVA's rotary blocks (``eva``), SAM's image
+encoder (``sam``: its own host, ``TimmSamHost``), the ``pm_*`` registry entries (``registry``) and ``TimmHost``
+below.
 """
 import math
 from typing import Callable, List, Optional, Tuple
@@ -14,10 +15,12 @@ from timm.models.vision_transformer import Block
 from ..base import Host
 from . import registry  # noqa: F401  (registers the pm_* timm models)
 from .eva import PMEvaAttention, PMEvaBlock
+from .sam import OptimizedSAM, PMSamAttention, PMSamBlock, TimmSamHostMixin, patch_sam
 from .model import (FAMILIES, OptimizedPM, PMAttention, PMBlock, PMEva, PMModelMixin, PMVisionTransformer,
                     PMVisionTransformerDistilled, ViTBody, family_of, head_reads_prefix_only, is_patched, patch_timm)
 
-__all__ = ["HOST", "TimmHost", "FAMILIES", "OptimizedPM", "PMAttention", "PMBlock", "PMEva", "PMEvaAttention",
+__all__ = ["HOST", "HOSTS", "TimmHost", "TimmSamHost", "OptimizedSAM", "PMSamAttention", "PMSamBlock", "patch_sam",
+           "FAMILIES", "OptimizedPM", "PMAttention", "PMBlock", "PMEva", "PMEvaAttention",
            "PMEvaBlock", "PMModelMixin", "PMVisionTransformer", "PMVisionTransformerDistilled", "patch_timm"]
 
 
@@ -125,4 +128,9 @@ class TimmHost(Host):
         return model.patch_embed.proj.weight
 
 
+class TimmSamHost(TimmSamHostMixin, TimmHost):
+    """timm's SAM image encoder (``VisionTransformerSAM``): windowed and global blocks (``sam``)."""
+
+
 HOST = TimmHost()
+HOSTS = (HOST, TimmSamHost())

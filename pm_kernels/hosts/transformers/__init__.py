@@ -2,7 +2,7 @@
 
 ViT, DeiT (CLS + distillation token), CLIP and SigLIP vision towers (alone, with a projection, inside the
 two-tower ``CLIPModel`` / ``SiglipModel``: their vision tower), DINOv2 with and without registers, and their
-``*ForImageClassification`` / ``*Backbone`` heads (``families``). The only place of the package that reads
+``*ForImageClassification`` / ``*Backbone`` heads (``families``); SAM's image encoder (``sam``: its own host). The only place of the package that reads
 transformers' names: the tables (``families``), the PM layers, attention and call checks (``layers``), the
 ``save_pretrained`` round trip (``pretrained``) and ``TransformersHost`` below.
 
@@ -26,8 +26,9 @@ from ..folded_copy import folded_copy, head_macs, module_at, runner_of
 from .families import TOWERS, model_spec, refusal, supported_names
 from .layers import PMLayerMixin, grid, is_patched, parts, patch_transformers, tower_layers
 from .pretrained import from_pretrained
+from .sam import TransformersSamHostMixin
 
-__all__ = ["HOST", "TransformersHost", "PMLayerMixin", "from_pretrained", "patch_transformers"]
+__all__ = ["HOST", "HOSTS", "TransformersHost", "TransformersSamHost", "PMLayerMixin", "from_pretrained", "patch_transformers"]
 
 
 class TransformersHost(Host):
@@ -187,4 +188,10 @@ def _flat_tensors(value) -> List[torch.Tensor]:
     return []
 
 
+class TransformersSamHost(TransformersSamHostMixin, TransformersHost):
+    """SAM's image encoder (``SamVisionEncoder``, ``SamVisionModel``, ``SamModel``): windowed and global layers
+    (``sam``)."""
+
+
 HOST = TransformersHost()
+HOSTS = (HOST, TransformersSamHost())

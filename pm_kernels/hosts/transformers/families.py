@@ -111,8 +111,9 @@ def _vit_mae(model: nn.Module) -> str:
 
 # library module family (transformers.models.<family>) → why its models are refused
 REFUSED: Dict[str, Callable[[nn.Module], str]] = {
-    "sam": lambda model: "SAM's vision encoder uses windowed attention with relative position biases, which a "
-                         "Prune-and-Merge layer cannot run yet (a later issue)",
+    "sam": lambda model: "of the SAM family, Prune-and-Merge supports SAM's ViT image encoder (SamVisionEncoder, "
+                         "SamVisionModel, SamModel); SAM 2 / 3 (Hiera and other backbones) and SAM-HQ (an encoder "
+                         "whose output includes its windowed stages' tokens) are not supported",
     "siglip2": lambda model: "Siglip2's NaFlex vision tower takes a different patch grid per image (pixel "
                              "attention masks and spatial shapes), while a Prune-and-Merge structure is built "
                              "for one fixed grid",

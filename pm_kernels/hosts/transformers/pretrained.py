@@ -23,16 +23,15 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from ..folded_copy import module_at
+from .. import host_of
 from .families import MODELS, supported_names
-from .layers import parts, patch_transformers
 
 __all__ = ["from_pretrained", "load_folder", "build_from_config", "model_class", "read_config", "check_config",
            "num_labels", "STRUCTURE_KEYS"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a vision model's config.json is a few kB
 
-STRUCTURE_KEYS = ("M", "R", "keep_mask")
+STRUCTURE_KEYS = ("M", "R", "keep_mask", "centre_slot")  # centre_slot: a SAM layer's (windowed structure)
 
 
 def _structure_tensors(folder: str) -> Dict[str, torch.Tensor]:
@@ -68,9 +67,9 @@ def from_pretrained(model_class: type, folder, **kwargs) -> PreTrainedModel:
     info = None
     if kwargs.get("output_loading_info"):
         model, info = model
-    patch_transformers(model)
-    spec, tower, tspec = parts(model)
-    layers = module_at(tower, tspec.layers)
+    host = host_of(model)  # the transformers host, or its SAM host
+    host.patch(model)
+    layers = host.layers(model)
     by_layer = {}
     for key, tensor in structure.items():
         owner, leaf = key.rsplit(".", 1)
