@@ -11,8 +11,8 @@ Per seed and task (``classification``: the digits demo's ViT; ``segmentation``: 
 One JSON per task and seed in ``--out`` (resumable: finished variants are kept); ``report`` gathers them:
 mean ± std over seeds of each variant's paired difference to labelled calibration.
 
-    python bench/calibration_objectives.py run --task classification --seeds 0-4
-    python bench/calibration_objectives.py run --task segmentation --seeds 0-4
+    python bench/calibration_objectives.py run --task classification --seeds 0 1 2 3 4
+    python bench/calibration_objectives.py run --task segmentation --seeds 0 1 2 3 4
     python bench/calibration_objectives.py report
 """
 import argparse
@@ -55,6 +55,12 @@ VARIANTS = {
     "self_distillation_noise_tokens": (lambda: SelfDistillation("noise", level="tokens"), "headless"),
     "feature_norm_pooled": (lambda: FeatureNorm("pooled"), "headless"),
     "feature_norm_tokens": (lambda: FeatureNorm("tokens"), "headless"),
+    # the default's sensitivity: clusters, temperature, images fitted (default 16, 0.1, 256)
+    "kmeans_pooled_k4": (lambda: KMeansTargets(clusters=4), "headless"),
+    "kmeans_pooled_k64": (lambda: KMeansTargets(clusters=64), "headless"),
+    "kmeans_pooled_t0.03": (lambda: KMeansTargets(temperature=0.03), "headless"),
+    "kmeans_pooled_t0.3": (lambda: KMeansTargets(temperature=0.3), "headless"),
+    "kmeans_pooled_fit64": (lambda: KMeansTargets(fit_images=64), "headless"),
 }
 
 
@@ -296,14 +302,6 @@ def cmd_report(args) -> dict:
     return result
 
 
-def _seeds(text: str):
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,12 +312,12 @@ def main(argv=None):
     sub = p.add_subparsers(dest="phase", required=True)
     run = sub.add_parser("run", help="score every variant, compress, fine-tune (resumable)")
     run.add_argument("--task", choices=sorted(KEEP), required=True)
-    run.add_argument("--seeds", default="0-4")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     run.add_argument("--variants", default="", help="comma list (default: all of VARIANTS)")
     run.add_argument("--finetune", default="all", help="variants to fine-tune: a comma list, or all")
     img = sub.add_parser("images", help="agreement with the labelled reference as the calibration batches grow")
     img.add_argument("--task", choices=sorted(KEEP), required=True)
-    img.add_argument("--seeds", default="0")
+    img.add_argument("--seeds", type=int, nargs="+", default=[0])
     img.add_argument("--variants", default="labels_other_images,kmeans_pooled")
     img.add_argument("--iters", default="1,2,5,10,20,40")
     sub.add_parser("report", help="gather the per-seed JSONs: summary.json and markdown tables")
@@ -327,10 +325,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.phase == "run":
-        for seed in _seeds(args.seeds):
+        for seed in args.seeds:
             run_seed(args.task, seed, args, log)
     elif args.phase == "images":
-        result = {s: images_needed(args.task, s, args, log) for s in _seeds(args.seeds)}
+        result = {s: images_needed(args.task, s, args, log) for s in args.seeds}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"images_{args.task}.json"), "w") as f:
             json.dump({"command": "python bench/calibration_objectives.py " + " ".join(sys.argv[1:]),

@@ -6,19 +6,20 @@ decoder exists) the loss is built from the dense model itself. A distillation lo
 MSE to its own features) does not work: at the identity structure the student is the teacher, and its gradient
 is zero. Every objective here has a target that differs from the scored output.
 
-    name               model needs        target (computed on the dense model, no grad)   loss
-    labels             a head             the batch's labels                              CE (Segmenter: per-pixel CE)
-    pseudo_labels      a head             argmax of the dense logits                     CE(logits, argmax)
-    kmeans             nothing            nearest of k centroids of the dense features   CE(cos(f, centroids) / τ, target)
-    self_distillation  nothing            dense features of the clean image              1 − cos(f(perturbed view), target)
-    feature_norm       nothing            none                                           ½ · mean ‖f‖²
-    ImageText(...)     a text encoder     captions' / prompts' text features (dense)     CLIP or SigLIP image–text loss
+    name               needs           target (from the dense model, no grad)        loss
+    labels             a head          the batch's labels                            CE (Segmenter: per pixel)
+    pseudo_labels      a head          argmax of the dense logits                    CE(logits, argmax)
+    kmeans             -               nearest of k centroids of dense features      CE(cos(f, centroids) / τ, target)
+    self_distillation  -               dense features of the clean image             1 − cos(f(perturbed), target)
+    feature_norm       -               none                                          ½ · mean ‖f‖²
+    ImageText(...)     a text encoder  text features of captions / prompts (dense)   CLIP or SigLIP image–text loss
 
 ``f`` is the model's pooled embedding (``level="pooled"``: the pre-logits vector, CLS or average pool as the
 model pools) or its final patch tokens (``level="tokens"``). ``kmeans`` fits its centroids (spherical k-means)
 on the first ``fit_images`` images of the calibration stream; those images are scored as well.
-``DEFAULT_UNLABELLED`` names the objective used for image-only batches when none is chosen (see
-bench/results/calibration_objectives/README.md for the measurements behind it).
+Image-only batches with no objective chosen (``DEFAULT_UNLABELLED``): ``pseudo_labels`` where the model has a
+head (a classifier, a Segmenter's decoder), else ``kmeans`` on the pooled embedding: on the digits tasks the
+closest to labelled calibration with a head, and the best without one (bench/results/calibration_objectives/).
 
 Interface (what ``calibrate`` calls)
     objective, scoring = resolve_objective(model, batches, objective=None, loss_fn=None)
@@ -26,8 +27,8 @@ Interface (what ``calibrate`` calls)
         loss = objective.loss(objective.forward(model, inputs), targets)     # the scored forward, then backward
 
 ``batches`` yields image tensors (B, C, H, W), 1-tuples ``(images,)`` or pairs ``(images, targets)``.
-``objective``: None (labels when the first batch carries targets, else ``DEFAULT_UNLABELLED``), a name above, or
-an ``Objective``; ``loss_fn(outputs, targets)`` overrides it (``model(images)`` is scored, targets may be None).
+``objective``: None (labels when the first batch carries targets, else ``default_objective``), a name above,
+or an ``Objective``; ``loss_fn(outputs, targets)`` overrides it (``model(images)`` is scored, targets may be None).
 ``resolve_objective`` peeks at the first batch, fits what the objective needs on the dense model (eval mode, no
 grad) and returns a lazy iterator: each later batch costs one extra no-grad forward for its targets, and a
 one-pass loader is read once. ``inputs`` may differ from the images (``self_distillation`` perturbs them).
@@ -42,8 +43,8 @@ Every read of a timm / Segmenter attribute is in ``model_view`` (the host layer 
 from .base import CustomLoss, Labels, ModelView, Objective, PseudoLabels, model_view
 from .features import FeatureNorm, KMeansTargets, SelfDistillation, spherical_kmeans
 from .image_text import ImageText
-from .resolve import DEFAULT_UNLABELLED, OBJECTIVES, resolve_objective
+from .resolve import DEFAULT_UNLABELLED, OBJECTIVES, default_objective, resolve_objective
 
 __all__ = ["Objective", "Labels", "CustomLoss", "PseudoLabels", "KMeansTargets", "SelfDistillation", "FeatureNorm",
-           "ImageText", "ModelView", "model_view", "resolve_objective", "OBJECTIVES", "DEFAULT_UNLABELLED",
-           "spherical_kmeans"]
+           "ImageText", "ModelView", "model_view", "resolve_objective", "default_objective", "OBJECTIVES",
+           "DEFAULT_UNLABELLED", "spherical_kmeans"]

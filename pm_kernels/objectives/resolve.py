@@ -9,10 +9,20 @@ import torch
 from .base import CustomLoss, Labels, ModelView, Objective, PseudoLabels, model_view
 from .features import FeatureNorm, KMeansTargets, SelfDistillation
 
-__all__ = ["resolve_objective", "OBJECTIVES", "DEFAULT_UNLABELLED"]
+__all__ = ["resolve_objective", "default_objective", "OBJECTIVES", "DEFAULT_UNLABELLED"]
 
 OBJECTIVES = {cls.name: cls for cls in (Labels, PseudoLabels, KMeansTargets, SelfDistillation, FeatureNorm)}
-DEFAULT_UNLABELLED = "kmeans"
+# Image-only batches, no objective chosen: the model's own head where it has one (a classifier, a Segmenter's
+# decoder), else k-means classes of the pooled features. Measured on the digits tasks against labelled calibration
+# (bench/results/calibration_objectives/README.md): the best agreement with a head, the best without one.
+DEFAULT_UNLABELLED = {"head": "pseudo_labels", "headless": "kmeans"}
+
+
+def default_objective(view: ModelView, carries_targets: bool) -> str:
+    """The objective ``resolve_objective`` picks when none is given."""
+    if carries_targets:
+        return "labels"
+    return DEFAULT_UNLABELLED["head" if view.logits is not None else "headless"]
 
 
 def _split(batch, index: int) -> Tuple[torch.Tensor, Any, bool]:
@@ -44,13 +54,13 @@ def _check_images(images, view: ModelView, index: int, size: Optional[Tuple[int,
     return hw
 
 
-def _choose(objective, loss_fn, carries_targets: bool) -> Objective:
+def _choose(objective, loss_fn, carries_targets: bool, view: ModelView) -> Objective:
     if loss_fn is not None:
         if objective is not None:
             raise TypeError("objective, loss_fn: give one of them (loss_fn is scored as model(images))")
         return CustomLoss(loss_fn)
     if objective is None:
-        objective = "labels" if carries_targets else DEFAULT_UNLABELLED
+        objective = default_objective(view, carries_targets)
     if isinstance(objective, str):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {', '.join(map(repr, OBJECTIVES))} or an Objective, "
@@ -89,7 +99,7 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
     first = next(stream, None)
     if first is None:
         raise ValueError("batches: expected at least one batch of images, got none (an empty loader?)")
-    chosen = _choose(objective, loss_fn, _split(first, 0)[2])
+    chosen = _choose(objective, loss_fn, _split(first, 0)[2], view)
     chosen.check(view)
     stream = itertools.chain([first], stream)
     size = [None]

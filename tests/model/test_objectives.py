@@ -87,7 +87,13 @@ def test_default_objective_follows_the_batches():
     assert objective.name == "labels"
     assert torch.equal(score(model, labelled), calibrate(model, labelled))  # today's default loss, unchanged
     objective, _ = resolve_objective(model, image_batches())
-    assert objective.name == DEFAULT_UNLABELLED
+    assert objective.name == DEFAULT_UNLABELLED["head"] == "pseudo_labels"
+    objective, _ = resolve_objective(segmenter(), image_batches())
+    assert objective.name == "pseudo_labels"  # a Segmenter's decoder is a head: per-pixel pseudo-labels
+    for headless in (tiny_vit(), registers_vit(), pm_kernels.patch_timm(segmenter().backbone)):
+        size = 28 if headless.patch_embed.patch_size[0] == 14 else 16
+        objective, _ = resolve_objective(headless, image_batches(size=size, n=2, batch=16))
+        assert objective.name == DEFAULT_UNLABELLED["headless"] == "kmeans" and objective.level == "pooled"
 
 
 def test_segmenter_labels_are_the_per_pixel_cross_entropy_of_calibrate():
