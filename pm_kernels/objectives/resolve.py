@@ -101,7 +101,6 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
         raise ValueError("batches: expected at least one batch of images, got none (an empty loader?)")
     chosen = _choose(objective, loss_fn, _split(first, 0)[2], view)
     chosen.check(view)
-    stream = itertools.chain([first], stream)
     size = [None]
 
     def checked(index, batch):
@@ -116,18 +115,18 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
         return images, given
 
     counter = itertools.count()
-    fit = []
-    while chosen.fit_images and sum(len(x) for x, _ in fit) < chosen.fit_images:
+    pending = [checked(next(counter), first)]  # checked now: a bad first batch fails here, not inside calibrate
+    while chosen.fit_images and sum(len(x) for x, _ in pending) < chosen.fit_images:
         batch = next(stream, None)
         if batch is None:
             break
-        fit.append(checked(next(counter), batch))
-    if fit:
+        pending.append(checked(next(counter), batch))
+    if chosen.fit_images:
         with _dense_eval(model):
-            chosen.prepare(view, torch.cat([x for x, _ in fit])[:chosen.fit_images])
+            chosen.prepare(view, torch.cat([x for x, _ in pending])[:chosen.fit_images])
 
     def scoring():
-        for images, given in itertools.chain(fit, (checked(next(counter), b) for b in stream)):
+        for images, given in itertools.chain(pending, (checked(next(counter), b) for b in stream)):
             with _dense_eval(model):
                 targets = chosen.targets(view, images, given)
             yield chosen.inputs(view, images), targets

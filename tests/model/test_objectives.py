@@ -238,6 +238,8 @@ def test_a_custom_loss_fn_overrides_and_sees_targets_or_none():
     (image_batches(chans=1), None, ValueError, "batches: batch 0: images have 1 channels, the model takes 3"),
     ([(x, torch.zeros(8, dtype=torch.long)) for x in image_batches()], "kmeans", ValueError,
      "batches: batch 0 carries targets, but objective 'kmeans' takes images alone"),
+    ([(x, torch.zeros(8, dtype=torch.long)) for x in image_batches()], "self_distillation", ValueError,
+     "batches: batch 0 carries targets, but objective 'self_distillation' takes images alone"),
     (image_batches(), "labels", ValueError, "objective: 'labels' needs a model with a classifier head"),
     (image_batches(), "kmean", ValueError, "objective: expected one of 'labels', 'pseudo_labels', 'kmeans'"),
     (image_batches(), 3, TypeError, "objective: expected a name or a pm_kernels.objectives.Objective"),
@@ -249,7 +251,7 @@ def test_a_custom_loss_fn_overrides_and_sees_targets_or_none():
 ])
 def test_bad_input_is_one_clear_error(batches, objective, error, message):
     with pytest.raises(error, match=message):
-        score(tiny_vit(), batches, objective)
+        resolve_objective(tiny_vit(), batches, objective)  # before any scoring: the first batch is checked here
 
 
 def test_targets_in_a_later_batch_or_missing_for_labels_are_refused():
