@@ -119,7 +119,12 @@ class Task:
         c = self.cfg
         cfg = TrainConfig(epochs=c.ft_epochs, batch_size=c.batch_size, lr=c.ft_lr, alpha=c.alpha, tau=c.tau,
                           seed=c.seed, progress=False)  # the demos' fine-tuning recipe
-        train(model, self.data, cfg, teacher=self.dense, device="cpu", base_loss=seg_loss() if self.seg else None)
+        if not all(p.requires_grad for p in model.parameters()):
+            raise RuntimeError("finetune: the compressed model has frozen weights (a copy of a frozen teacher?)")
+        # ``train`` sets requires_grad=False on its teacher's parameters for good: a copy keeps self.dense (the
+        # source of every later compressed copy) trainable
+        train(model, self.data, cfg, teacher=copy.deepcopy(self.dense), device="cpu",
+              base_loss=seg_loss() if self.seg else None)
         return model.eval()
 
 
