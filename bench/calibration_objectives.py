@@ -278,11 +278,12 @@ def _pm(x, digits=2, sign=False):
 
 
 def markdown(task_name: str, summary: dict, metric: str) -> str:
-    lines = [f"| objective ({task_name}) | Spearman (layer mean) | centre IoU | pruned IoU | Δ{metric} before ft "
-             f"| {metric} after ft | Δ{metric} after ft (paired) | seconds | images |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| objective ({task_name}) | seeds (ft) | Spearman (layer mean) | centre IoU | pruned IoU "
+             f"| Δ{metric} before ft | {metric} after ft | Δ{metric} after ft (paired) | seconds | images |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, s in summary.items():
-        lines.append(f"| {variant} | {_pm(s['spearman'], 3)} | {_pm(s['centre_iou'], 3)} | {_pm(s['pruned_iou'], 3)} "
+        ft = s["after_finetune"]["n"] if s["after_finetune"] else 0
+        lines.append(f"| {variant} | {len(s['seeds'])} ({ft}) | {_pm(s['spearman'], 3)} | {_pm(s['centre_iou'], 3)} | {_pm(s['pruned_iou'], 3)} "
                      f"| {_pm(s['before_finetune_minus_labels'], sign=True)} | {_pm(s['after_finetune'])} "
                      f"| {_pm(s['after_finetune_minus_labels'], sign=True)} | {_pm(s['seconds'], 1)} "
                      f"| {s['images']} |")
@@ -302,9 +303,37 @@ def cmd_report(args) -> dict:
                                       "loadavg_per_seed": {f["seed"]: f.get("loadavg") for f in files},
                                       "markdown": markdown(task_name, summary, metric)}
         print(result["tasks"][task_name]["markdown"] + "\n")
+        images = os.path.join(args.out, f"images_{task_name}.json")
+        if os.path.exists(images):
+            result["tasks"][task_name]["images_needed"] = curve = images_summary(json.load(open(images)))
+            result["tasks"][task_name]["images_markdown"] = text = images_markdown(task_name, curve)
+            print(text + "\n")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def images_summary(saved: dict) -> dict:
+    """variant → batches → mean ± std over seeds of Spearman / centre IoU against the labelled reference."""
+    out = {}
+    for per_variant in saved["seeds"].values():
+        for variant, rows in per_variant.items():
+            for r in rows:
+                out.setdefault(variant, {}).setdefault(r["batches"], []).append(r)
+    return {v: {b: {"images": rs[0]["images"], "spearman": _mean_std([r["spearman"] for r in rs]),
+                    "centre_iou": _mean_std([r["centre_iou"] for r in rs]),
+                    "seconds": _mean_std([r["seconds"] for r in rs])} for b, rs in sorted(per.items())}
+            for v, per in out.items()}
+
+
+def images_markdown(task_name: str, curve: dict) -> str:
+    batches = sorted({b for per in curve.values() for b in per})
+    first = next(iter(curve.values()))
+    lines = [f"| Spearman vs labelled ({task_name}); images → | "
+             + " | ".join(str(first[b]["images"]) for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+    for variant, per in curve.items():
+        lines.append(f"| {variant} | " + " | ".join(_pm(per[b]["spearman"], 3) for b in batches) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
