@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..segmenter import Segmenter, pixel_cross_entropy
+from ..hosts import resolve
 
 __all__ = ["ModelView", "model_view", "Objective", "Labels", "CustomLoss", "PseudoLabels", "LEVELS", "check_level",
            "positive_int", "positive_float"]
@@ -17,14 +17,14 @@ LEVELS = ("pooled", "tokens")
 
 @dataclass
 class ModelView:
-    """What an objective reads of a model (the only place that knows timm / Segmenter attributes)."""
+    """What an objective reads of a model, all through its host (``pm_kernels.hosts``)."""
 
-    pooled: Callable[[torch.Tensor], torch.Tensor]   # images → (B, C): the pre-logits embedding
-    tokens: Callable[[torch.Tensor], torch.Tensor]   # images → (B, P, C): final patch tokens, prefix tokens dropped
+    output: Callable[[torch.Tensor], Any]            # images → what calibrate scores with labels (the model's output)
+    labelled_loss: Callable[[Any, torch.Tensor], torch.Tensor]   # calibrate's default loss on ``output``
     logits: Optional[Callable[[torch.Tensor], torch.Tensor]]  # images → (B, K) or (B, K, H, W); None: no head
-    pixel_labels: bool                               # a Segmenter: labels per pixel, ``ignore_index`` skipped
-    ignore_index: Optional[int]
-    img_size: Optional[Tuple[int, int]]              # None: any size (dynamic_img_size)
+    pooled: Callable[[torch.Tensor], torch.Tensor]   # images → (B, C): the model's embedding
+    tokens: Callable[[torch.Tensor], torch.Tensor]   # images → (B, P, C): final patch tokens, prefix tokens dropped
+    img_size: Optional[Tuple[int, int]]              # None: any size
     patch_size: Tuple[int, int]
     in_chans: int
 
@@ -32,27 +32,41 @@ class ModelView:
         return self.pooled(images) if level == "pooled" else self.tokens(images)
 
 
-def model_view(model) -> ModelView:
-    """The ``ModelView`` of a timm ViT (patched or not, head or not) or a ``pm_kernels.Segmenter``."""
-    seg = isinstance(model, Segmenter)
-    bb = model.backbone if seg else model
-    needed = ("patch_embed", "blocks", "forward_features", "forward_head", "num_prefix_tokens")
-    if not isinstance(bb, torch.nn.Module) or any(not hasattr(bb, a) for a in needed):
-        raise TypeError(f"model: expected a timm ViT (patch_embed, blocks, forward_features, forward_head) or a "
-                        f"pm_kernels.Segmenter, got {type(model).__name__}")
-    pooled = lambda x: bb.forward_head(bb.forward_features(x), pre_logits=True)  # noqa: E731
-    if seg:
-        tokens = lambda x: model.patch_tokens(bb.forward_features(x))  # noqa: E731  (fc_norm models: normed there)
-        logits = model
+def model_view(model, probe: Optional[torch.Tensor] = None) -> ModelView:
+    """The ``ModelView`` of a ViT of any host (patched or not, head or not) or of a task model (``Segmenter``).
+
+    ``logits``: a task model's output (a Segmenter's pixel logits), or the class logits of a host model with a
+    head (``host.loss_input`` of its output); with ``probe`` images, a host model whose output has no class
+    logits (e.g. an open_clip tower's embedding) is found to have none by one no-grad forward.
+    ``pooled``: the backbone's output when it is one vector per image (a head-less timm model: its pooled
+    embedding; an open_clip tower: its image embedding; a model with a head: its logits), else the mean of the
+    final patch tokens.
+    """
+    host, backbone = resolve(model)  # a TypeError naming ``model`` when no host supports it
+    task = model if backbone is not model else None
+    features, prefix = host.dense_features(backbone), host.num_prefix(backbone)
+    tokens = lambda x: features(x)[:, prefix:]  # noqa: E731
+
+    def pooled(images):
+        out = host.forward_images(backbone, images)
+        return out if isinstance(out, torch.Tensor) and out.dim() == 2 else tokens(images).mean(dim=1)
+
+    if task is not None:  # calibrate's forward and default loss, for a task model and for a host model
+        output, logits = task, task
+        labelled_loss = getattr(task, "pm_calibration_loss", None) or (lambda out, t: F.cross_entropy(out, t))
     else:
-        tokens = lambda x: bb.forward_features(x)[:, bb.num_prefix_tokens:]  # noqa: E731
-        logits = model if getattr(model, "num_classes", 0) else None
-    pe = bb.patch_embed
-    dynamic = getattr(bb, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False)
-    return ModelView(pooled=pooled, tokens=tokens, logits=logits, pixel_labels=seg,
-                     ignore_index=model.ignore_index if seg else None,
-                     img_size=None if dynamic else tuple(pe.img_size), patch_size=tuple(pe.patch_size),
-                     in_chans=pe.proj.in_channels)
+        output = lambda x: host.forward_images(backbone, x)  # noqa: E731
+        labelled_loss = lambda out, t: F.cross_entropy(host.loss_input(out), t)  # noqa: E731
+        logits = (lambda x: host.loss_input(output(x))) if host.head_macs(backbone) > 0 else None
+        if logits is not None and probe is not None:
+            try:
+                logits(probe)
+            except TypeError:  # a projection head (an embedding), not a classifier
+                logits = None
+    (h, w), (ph, pw) = host.grid(backbone), host.patch_size(backbone)
+    return ModelView(output=output, labelled_loss=labelled_loss, logits=logits, pooled=pooled, tokens=tokens,
+                     img_size=None if host.any_size(backbone) else (h * ph, w * pw), patch_size=(ph, pw),
+                     in_chans=host.in_chans(backbone))
 
 
 class Objective:
@@ -77,60 +91,61 @@ class Objective:
         """The images the scored forward sees."""
         return images
 
-    def forward(self, model, inputs: torch.Tensor) -> torch.Tensor:
-        """The scored forward (with grad)."""
-        return model(inputs)
+    def forward(self, model, inputs: torch.Tensor) -> Any:
+        """The scored forward (with grad); by default what calibrate scores: the model's output."""
+        return model_view(model).output(inputs)
 
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    # set by resolve_objective's stream as it hands out a batch: the next call of the model is the scored one
+    scored_call_next = False
+
     @contextlib.contextmanager
     def scored_as_call(self, model):
-        """Inside the block, ``model(x)`` runs ``self.forward(model, x)``: today's ``calibrate`` calls
-        ``model(images)``. A call of ``model`` from inside ``self.forward`` runs the model's own forward."""
+        """Inside the block, the first call of ``model`` after each batch the stream of ``resolve_objective``
+        hands out runs ``self.forward(model, inputs)``: today's ``calibrate`` scores ``model(images)`` (a task
+        model, or a host whose ``forward_images`` calls the model, as timm's). Every other call (the targets'
+        forward, calls from inside ``self.forward``) runs the model's own forward."""
         own = type(model).forward.__get__(model)
-        inside = [False]
 
-        def scored(x):
-            if inside[0]:
-                return own(x)
-            inside[0] = True
-            try:
-                return self.forward(model, x)
-            finally:
-                inside[0] = False
+        def scored(*args, **kwargs):
+            if not self.scored_call_next:
+                return own(*args, **kwargs)
+            self.scored_call_next = False
+            return self.forward(model, *args, **kwargs)
 
         model.forward = scored
         try:
             yield model
         finally:
             del model.forward
+            self.scored_call_next = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
 class Labels(Objective):
-    """The labelled cross-entropy (a Segmenter: per pixel, ``ignore_index`` pixels skipped)."""
+    """calibrate's labelled loss: a task model's own (a Segmenter: per-pixel CE without unlabelled pixels), else
+    the cross-entropy on the class logits."""
 
     name = "labels"
     takes_targets = True
 
     def check(self, view):
         if view.logits is None:
-            raise ValueError("objective: 'labels' needs a model with a classifier head (num_classes > 0) or a "
-                             "Segmenter; for a head-less model pass loss_fn or a label-free objective")
-        self.ignore_index = view.ignore_index if view.pixel_labels else None
+            raise ValueError("objective: 'labels' needs a model with a classifier head or a task model (Segmenter);"
+                             " for a head-less model pass loss_fn or a label-free objective")
+        self.labelled_loss = view.labelled_loss
 
     def loss(self, outputs, targets):
-        # the losses today's calibrate uses by default: per-pixel CE without unlabelled pixels, or CE
-        if self.ignore_index is not None:
-            return pixel_cross_entropy(outputs, targets, self.ignore_index)
-        return F.cross_entropy(outputs, targets)
+        return self.labelled_loss(outputs, targets)
 
 
 class CustomLoss(Objective):
-    """``loss_fn(model(images), targets)``; targets are None for image-only batches."""
+    """``loss_fn(outputs, targets)`` on the model's output (what calibrate scores); targets are None for
+    image-only batches."""
 
     name = "loss_fn"
     takes_targets = None
@@ -151,11 +166,14 @@ class PseudoLabels(Objective):
 
     def check(self, view):
         if view.logits is None:
-            raise ValueError("objective: 'pseudo_labels' needs a model with a classifier head (num_classes > 0) "
-                             "or a Segmenter; this model has none (use e.g. 'kmeans')")
+            raise ValueError("objective: 'pseudo_labels' needs a model with a classifier head or a task model "
+                             "(Segmenter); this model has none (use e.g. 'kmeans')")
 
     def targets(self, view, images, given):
         return view.logits(images).argmax(dim=1)
+
+    def forward(self, model, inputs):
+        return model_view(model).logits(inputs)
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs.float(), targets)

@@ -47,7 +47,7 @@ def _check_images(images, view: ModelView, index: int, size: Optional[Tuple[int,
                          f"{view.in_chans}")
     if view.img_size is not None and hw != view.img_size:
         raise ValueError(f"batches: batch {index}: images of size {hw[0]}x{hw[1]}, the model takes "
-                         f"{view.img_size[0]}x{view.img_size[1]} (resize them, or build it with dynamic_img_size)")
+                         f"{view.img_size[0]}x{view.img_size[1]} (resize them, or use a model that runs any size)")
     if size is not None and hw != size:
         raise ValueError(f"batches: batch {index}: every batch must have the same image size ({size[0]}x{size[1]} "
                          f"so far, this one {hw[0]}x{hw[1]})")
@@ -91,7 +91,7 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
     size or channel count than the model's, targets given to an objective that takes none (or none given to one
     that needs them), an unknown ``objective``.
     """
-    view = model_view(model)
+    view = model_view(model)  # a TypeError naming ``model`` before the batches are read
     try:
         stream = iter(batches)
     except TypeError:
@@ -99,7 +99,11 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
     first = next(stream, None)
     if first is None:
         raise ValueError("batches: expected at least one batch of images, got none (an empty loader?)")
-    chosen = _choose(objective, loss_fn, _split(first, 0)[2], view)
+    first_images, _, carries = _split(first, 0)
+    _check_images(first_images, view, 0, None)
+    with _dense_eval(model):  # one forward tells a classifier head from a projection head
+        view = model_view(model, probe=first_images)
+    chosen = _choose(objective, loss_fn, carries, view)
     chosen.check(view)
     size = [None]
 
@@ -129,6 +133,8 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
         for images, given in itertools.chain(pending, (checked(next(counter), b) for b in stream)):
             with _dense_eval(model):
                 targets = chosen.targets(view, images, given)
-            yield chosen.inputs(view, images), targets
+            inputs = chosen.inputs(view, images)
+            chosen.scored_call_next = True
+            yield inputs, targets
 
     return chosen, scoring()
