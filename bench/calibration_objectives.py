@@ -26,15 +26,13 @@ import time
 import torch
 
 from pm_kernels import calibrate, compress, search_structure
+from pm_kernels.hosts import resolve
 from pm_kernels.objectives import FeatureNorm, KMeansTargets, Labels, PseudoLabels, SelfDistillation, resolve_objective
-from pm_kernels.pipeline.data import cycle_batches, load_data, make_loader
-from pm_kernels.pipeline.demo import QUICK, DemoConfig, run_demo
-from pm_kernels.pipeline.evaluate import accuracy
+from pm_kernels.pipeline.data import cycle_batches, make_loader
+from pm_kernels.pipeline.demo import run_demo
 from pm_kernels.pipeline.finetune import TrainConfig, train
-from pm_kernels.pipeline.model import load_model
-from pm_kernels.pipeline.seg_data import digits_segmentation
-from pm_kernels.pipeline.seg_demo import SEG_QUICK, SegDemoConfig, compress_segmenter, run_seg_demo, seg_loss
-from pm_kernels.pipeline.segmentation import load_segmenter, segmentation_metrics
+from pm_kernels.pipeline.tasks import get_task
+from pm_kernels.structure import default_prune_rate
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(_ROOT, "bench", "results", "calibration_objectives")
@@ -64,35 +62,32 @@ VARIANTS = {
 }
 
 
-class Task:
-    """The demo's dense model, data, calibration stream, compress and fine-tune recipe for one task and seed."""
+class Setting:
+    """One task and seed: the demo's dense model, data, calibration stream, structure search and fine-tune."""
 
     def __init__(self, name: str, seed: int, work: str, log, quick: bool = False):
-        self.name, self.seed, self.seg = name, seed, name == "segmentation"
-        self.keep = KEEP[name]
+        self.task, self.seed, self.keep = get_task(name), seed, KEEP[name]
+        self.cfg = self.task.demo_config(quick, seed=seed, keep_rates=(), speed_repeats=1, n_pictures=1)
+        self.data = self.task.demo_data(self.cfg)
+        self.test = self.task.eval_loader(self.data, 256)
         folder = os.path.join(work, f"{name}_seed{seed}")
-        if self.seg:
-            self.cfg = SegDemoConfig(**dict(SEG_QUICK if quick else {}, seed=seed, keep_rates=(), speed_repeats=1,
-                                            n_pictures=1))
-            self.data = digits_segmentation(img_size=self.cfg.img_size, n_train=self.cfg.n_train,
-                                            n_val=self.cfg.n_val)
-            self.test = make_loader(self.data.test, 64, train=False)
-        else:
-            self.cfg = DemoConfig(**dict(QUICK if quick else {}, seed=seed, keep_rates=(), speed_repeats=1))
-            self.data = load_data("digits", seed=seed)
-            self.test = make_loader(self.data.test, 256, train=False)
         dense_path = os.path.join(folder, "dense.pth")
         self.dense_train_s = None
-        if not os.path.exists(dense_path):
+        if not os.path.exists(dense_path):  # the demo with no keep rate: the dense model and its labelled scores
             t = time.perf_counter()
-            (run_seg_demo if self.seg else run_demo)(folder, self.cfg, device="cpu", progress=False, log=log)
+            run_demo(self.task, folder, self.cfg, device="cpu", progress=False, log=log)
             self.dense_train_s = time.perf_counter() - t
-        self.dense = (load_segmenter(dense_path)[0] if self.seg else load_model(dense_path)[0]).eval()
-        if self.seg:
-            self.headless = self.dense.backbone
-        else:
+        self.dense = self.task.load(dense_path)[0].eval()
+        host, backbone = resolve(self.dense)
+        if backbone is not self.dense:   # a Segmenter: its backbone, which has no head
+            self.headless = backbone
+        else:                            # the digits ViT as a head-less backbone (num_classes=0)
             self.headless = copy.deepcopy(self.dense)
-            self.headless.reset_classifier(0)  # the digits ViT as a head-less backbone (num_classes=0)
+            host.remove_head(self.headless)
+        self.num_prefix = host.num_prefix(backbone)
+        prune = self.cfg.prune_rate if self.cfg.prune_rate is not None else default_prune_rate(self.cfg.thresholds)
+        self.search = dict(prune_rate=prune, thresholds=self.cfg.thresholds,
+                           layers=list(self.cfg.layers) if self.cfg.layers else None)
 
     def calibration_batches(self, loader_seed_offset: int = 1, iters=None):
         """The demo's calibration stream: the same loader seed and number of batches as its labelled scores."""
@@ -100,35 +95,28 @@ class Task:
         return cycle_batches(loader, iters or self.cfg.calib_iters)
 
     def structure(self, scores):
-        extra = dict(thresholds="per_layer", prune_rate=self.cfg.prune_rate) if self.seg \
-            else dict(prune_rate=self.cfg.prune_rate)
-        return search_structure(scores, keep_rate=self.keep, num_prefix=self.dense.backbone.num_prefix_tokens
-                                if self.seg else self.dense.num_prefix_tokens, **extra)
+        return search_structure(scores, keep_rate=self.keep, num_prefix=self.num_prefix, **self.search)
 
     def compressed(self, scores):
-        if self.seg:
-            return compress_segmenter(self.dense, scores, self.keep, self.cfg)
-        return compress(copy.deepcopy(self.dense), scores, keep_rate=self.keep, prune_rate=self.cfg.prune_rate)
+        return compress(copy.deepcopy(self.dense), scores, keep_rate=self.keep, **self.search)
 
     def metric(self, model) -> float:
-        if self.seg:
-            return segmentation_metrics(model, self.test, self.data.num_classes, "cpu")["miou"]
-        return accuracy(model, self.test, "cpu")
+        return self.task.metrics(model, self.test, "cpu")[self.task.headline]
 
     def finetune(self, model):
         c = self.cfg
         cfg = TrainConfig(epochs=c.ft_epochs, batch_size=c.batch_size, lr=c.ft_lr, alpha=c.alpha, tau=c.tau,
-                          seed=c.seed, progress=False)  # the demos' fine-tuning recipe
+                          seed=c.seed, progress=False)  # the demo's fine-tuning recipe
         if not all(p.requires_grad for p in model.parameters()):
             raise RuntimeError("finetune: the compressed model has frozen weights (a copy of a frozen teacher?)")
         # ``train`` sets requires_grad=False on its teacher's parameters for good: a copy keeps self.dense (the
         # source of every later compressed copy) trainable
         train(model, self.data, cfg, teacher=copy.deepcopy(self.dense), device="cpu",
-              base_loss=seg_loss() if self.seg else None)
+              base_loss=self.task.loss(model))
         return model.eval()
 
 
-def score(task: Task, variant: str, shape, iters=None):
+def score(task: Setting, variant: str, shape, iters=None):
     """(scores, seconds, images) of one variant on the task's calibration stream; ``shape``: (L, patches)."""
     factory, which = VARIANTS[variant]
     if factory is None:  # the control: a random structure
@@ -163,7 +151,7 @@ def iou(a: torch.Tensor, b: torch.Tensor):
     return None if union == 0 else int((a & b).sum()) / union
 
 
-def agreement(task: Task, scores, reference) -> dict:
+def agreement(task: Setting, scores, reference) -> dict:
     mine, ref = task.structure(scores), task.structure(reference)
     pruned = [iou(m.pruned, r.pruned) for m, r in zip(mine, ref)]
     pruned = [p for p in pruned if p is not None]
@@ -177,7 +165,7 @@ def agreement(task: Task, scores, reference) -> dict:
 def run_seed(task_name: str, seed: int, args, log) -> dict:
     path = os.path.join(args.out, f"{task_name}_seed{seed}.json")
     result = json.load(open(path)) if os.path.exists(path) else {"task": task_name, "seed": seed, "variants": {}}
-    task = Task(task_name, seed, args.work, log, args.quick)
+    task = Setting(task_name, seed, args.work, log, args.quick)
     if task.dense_train_s is not None:
         result["dense_train_s"] = task.dense_train_s
     result.update(keep_rate=task.keep, dense_metric=task.metric(task.dense),
@@ -213,7 +201,7 @@ def run_seed(task_name: str, seed: int, args, log) -> dict:
     return result
 
 
-def cached_scores(task: Task, variant: str, folder: str, shape):
+def cached_scores(task: Setting, variant: str, folder: str, shape):
     path = os.path.join(folder, f"{variant}.pt")
     if os.path.exists(path):
         saved = torch.load(path)
@@ -225,7 +213,7 @@ def cached_scores(task: Task, variant: str, folder: str, shape):
 
 def images_needed(task_name: str, seed: int, args, log) -> dict:
     """Spearman / centre IoU against the labelled reference (the demo's batches) as the batches grow."""
-    task = Task(task_name, seed, args.work, log, args.quick)
+    task = Setting(task_name, seed, args.work, log, args.quick)
     reference, _, _ = cached_scores(task, "labels", os.path.join(args.work, f"{task_name}_seed{seed}", "scores"),
                                     None)
     out = {}
