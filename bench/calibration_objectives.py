@@ -27,7 +27,7 @@ import torch
 
 from pm_kernels import calibrate, compress, search_structure
 from pm_kernels.hosts import resolve
-from pm_kernels.objectives import FeatureNorm, KMeansTargets, Labels, PseudoLabels, SelfDistillation, resolve_objective
+from pm_kernels.objectives import FeatureNorm, KMeansTargets, Labels, PseudoLabels, SelfDistillation
 from pm_kernels.pipeline.data import cycle_batches, make_loader
 from pm_kernels.pipeline.demo import run_demo
 from pm_kernels.pipeline.finetune import TrainConfig, train
@@ -134,9 +134,7 @@ def score(task: Setting, variant: str, shape, iters=None):
             yield b
 
     t = time.perf_counter()
-    objective, scoring = resolve_objective(model, counted(batches), factory())
-    with objective.scored_as_call(model):
-        scores = calibrate(model, scoring, loss_fn=objective.loss)
+    scores = calibrate(model, counted(batches), objective=factory())
     return scores, time.perf_counter() - t, seen[0]
 
 

@@ -7,12 +7,12 @@ Per batch and layer, with A the attention probabilities and dA = ∂L/∂A:
 ``pm_kernels.attention`` adds Σ P ⊙ dP per key into a buffer during backward: no N×N matrix is kept.
 The model's weights are not updated (the authors' lr of 1e-6 is a measurement, not training).
 """
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from .hosts import resolve
+from .objectives import Objective, resolve_objective
 
 __all__ = ["calibrate"]
 
@@ -25,28 +25,31 @@ def _check_dense(host, backbone) -> None:
                              "Calibrate before compress.")
 
 
-def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> torch.Tensor:
-    """Sum the SPEC §3 score over ``batches`` of (images, targets); returns float32 (L, num_patches) on the CPU.
+def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None,
+              objective: Union[None, str, Objective] = None) -> torch.Tensor:
+    """Sum the SPEC §3 score over ``batches``; returns float32 (L, num_patches) on the CPU.
 
     ``model``: a ViT of any supported host (timm, transformers, open_clip), patched or not (patching changes
-    nothing it computes), or a task model that names its backbone (``pm_kernels.Segmenter``: the backbone is
-    scored through the whole task model). Prefix tokens (CLS, distillation token, registers) are not scored:
-    they are never pruned or merged. Runs in eval mode (no dropout / drop-path), restores the mode afterwards.
-    ``loss_fn(outputs, targets)`` gets the model's raw output and must return a scalar; the default is the task
-    model's own loss (a Segmenter: the per-pixel cross-entropy without the unlabelled pixels), else the
-    cross-entropy on the logits (``.logits`` of a transformers output). Every batch must have the same image size.
+    nothing it computes), head or not, or a task model that names its backbone (``pm_kernels.Segmenter``: the
+    backbone is scored through the whole task model). Prefix tokens (CLS, distillation token, registers) are not
+    scored: they are never pruned or merged. Runs in eval mode (no dropout / drop-path), restores the mode after.
+
+    ``batches``: (images, targets) pairs, or images alone (a (B, C, H, W) tensor or a 1-tuple), all of one size.
+    ``objective`` (``pm_kernels.objectives``): the loss whose gradient the score reads. None: ``"labels"`` when the
+    batches carry targets (a task model's own loss, e.g. a Segmenter's per-pixel cross-entropy without the
+    unlabelled pixels, else the cross-entropy on the class logits, ``.logits`` of a transformers output); for
+    images alone ``"pseudo_labels"`` (the dense model's own argmax) where the model has a head, else ``"kmeans"``
+    (k-means classes of the pooled embedding) -- the label-free defaults measured in
+    bench/results/calibration_objectives/. ``loss_fn(outputs, targets)`` overrides the objective: it gets the
+    model's raw output (targets None for images alone) and must return a scalar.
     """
     host, backbone = resolve(model)
     if not host.is_patched(backbone):
         host.patch(backbone)
     _check_dense(host, backbone)
-    task = model if backbone is not model else None
-    if loss_fn is None:
-        # a task model returns its own output (a tensor of logits unless it says otherwise); a host model's
-        # output is read through its host (e.g. ``.logits`` of a transformers ModelOutput)
-        read = (lambda outputs: outputs) if task is not None else host.loss_input
-        loss_fn = getattr(task, "pm_calibration_loss", None) or (
-            lambda outputs, targets: F.cross_entropy(read(outputs), targets))
+    # fits what the objective needs on the dense model (k-means centroids) and checks the first batch, before
+    # any hook is in place; later batches are checked as they are read
+    chosen, scoring = resolve_objective(model, batches, objective, loss_fn)
     layers = host.layers(backbone)
     attentions = [host.attention(layer) for layer in layers]
     prefix = host.num_prefix(backbone)
@@ -58,9 +61,6 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
         patches = tokens.shape[1] - prefix
         if state["scores"] is None:
             state["scores"] = torch.zeros(len(layers), patches, dtype=torch.float64)
-        elif state["scores"].shape[1] != patches:
-            raise ValueError(f"batches: every batch must have the same image size ({state['scores'].shape[1]} "
-                             f"patches so far, this batch has {patches})")
         state["n"] = tokens.shape[1]
         state["buffers"] = [torch.zeros(state["n"], dtype=torch.float32, device=tokens.device) for _ in layers]
         for attn, buf in zip(attentions, state["buffers"]):
@@ -71,32 +71,25 @@ def calibrate(model, batches: Iterable, loss_fn: Optional[Callable] = None) -> t
     was_training = model.training
     hook = host.hook_tokens(backbone, _start_batch)
     model.eval()
-    n_batches = 0
     try:
-        for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError("batches: expected an iterable of (images, targets) pairs")
-            images, targets = batch
+        for inputs, targets in scoring:  # the targets' own forward (no grad) ran before this point
             state["x"] = None
             with torch.enable_grad():
-                outputs = model(images) if task is not None else host.forward_images(backbone, images)
+                outputs = chosen.forward(model, inputs)
                 if state["x"] is None:
                     raise RuntimeError("model: its first layer did not run on this batch (no tokens to score)")
-                loss = loss_fn(outputs, targets)
+                loss = chosen.loss(outputs, targets)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError("loss_fn: expected a scalar loss tensor")
                 torch.autograd.grad(loss, state["x"])
             for layer, (layer_module, attn, buf) in enumerate(zip(layers, attentions, state["buffers"])):
                 # B·H·(queries that see a key: all N, or a windowed attention's window)
-                norm = images.shape[0] * host.num_heads(layer_module) * (getattr(attn, "score_queries", None)
+                norm = inputs.shape[0] * host.num_heads(layer_module) * (getattr(attn, "score_queries", None)
                                                                          or state["n"])
                 state["scores"][layer] += (buf[prefix:].double().cpu() / norm).abs()
-            n_batches += 1
     finally:
         hook.remove()
         for attn in attentions:
             attn.score_accumulator = None
         model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("batches: expected at least one (images, targets) batch, got none")
     return state["scores"].float()

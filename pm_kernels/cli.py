@@ -2,6 +2,7 @@
 
     pm-kernels train      --model digits_vit --data digits --out dense.pth            (dense model, from scratch)
     pm-kernels calibrate  --checkpoint dense.pth --iters 250 --out scores.pt          (SPEC §3)
+    pm-kernels calibrate  --checkpoint dense.pth --data images/ --out scores.pt       (images alone: no labels)
     pm-kernels compress   --checkpoint dense.pth --scores scores.pt --keep-rate 0.6 --out pm.pth   (SPEC §2, §4)
     pm-kernels finetune   --checkpoint pm.pth --teacher dense.pth --epochs 60 --out pm_ft.pth     (SPEC §5)
     pm-kernels evaluate   --dense dense.pth --checkpoint pm_ft.pth [more.pth ...] --out-dir runs/eval
@@ -12,8 +13,9 @@
                           classification, the default, or segmentation; pipeline/tasks/)
 
 ``--model`` is any timm ViT/DeiT name (or ``digits_vit``), needed only where a checkpoint does not name it;
-``--data`` is ``digits`` (embedded, default) or an ImageFolder path. Every run writes a results JSON next to
-its output. Bad input ends with one ``error:`` line on stderr and exit status 2 (every numeric flag is checked
+``--data`` is ``digits`` (embedded, default) or an ImageFolder path (``calibrate`` also takes a folder of images
+without class sub-folders and scores with a label-free objective, ``--objective``). Every run writes a results
+JSON next to its output. Bad input ends with one ``error:`` line on stderr and exit status 2 (every numeric flag is checked
 when parsed: finite, in range); SIGINT exits 130 and SIGTERM 143, leaving no temp file; outputs are written
 atomically (nothing half-way) and locked against a second run writing them at the same time.
 """
@@ -28,6 +30,9 @@ import warnings
 from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
+
+# pm_kernels.objectives.OBJECTIVES' names, written here so that parsing imports no torch (a test keeps them equal)
+OBJECTIVE_NAMES = ("labels", "pseudo_labels", "kmeans", "self_distillation", "feature_norm")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="gradient-weighted attention scores of a dense model (SPEC §3)")
     _common(p)
     p.add_argument("--iters", type=_positive(), default=250, help="calibration iterations (batches)")
+    p.add_argument("--objective", choices=OBJECTIVE_NAMES,
+                   help="the loss the scores read (default: labels when --data has classes; for a folder of "
+                        "images without class sub-folders pseudo_labels with a head, else kmeans)")
     p.add_argument("--out", required=True, help="scores file (.pt)")
 
     p = sub.add_parser("compress", help="scores + rates → structure, initial M and R → checkpoint (SPEC §2, §4)")

@@ -33,10 +33,7 @@ or an ``Objective``; ``loss_fn(outputs, targets)`` overrides it (``model(images)
 grad) and returns a lazy iterator: each later batch costs one extra no-grad forward for its targets, and a
 one-pass loader is read once. ``inputs`` may differ from the images (``self_distillation`` perturbs them).
 
-Today's ``calibrate(model, batches, loss_fn)`` scores ``model(images)``; until it takes ``objective=`` itself:
-    objective, scoring = resolve_objective(model, images_only, "kmeans")
-    with objective.scored_as_call(model):
-        scores = calibrate(model, scoring, loss_fn=objective.loss)
+``pm_kernels.calibrate(model, batches, objective=...)`` runs exactly this loop, with the score hooks in place.
 
 Every read of a timm / Segmenter attribute is in ``model_view`` (the host layer can route it).
 """

@@ -1,6 +1,5 @@
 """The objective's base class, the model view it reads, and the objectives that need a head (labels,
 pseudo-labels) or none of the dense model (a user's ``loss_fn``). See ``pm_kernels.objectives``."""
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -98,30 +97,6 @@ class Objective:
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    # set by resolve_objective's stream as it hands out a batch: the next call of the model is the scored one
-    scored_call_next = False
-
-    @contextlib.contextmanager
-    def scored_as_call(self, model):
-        """Inside the block, the first call of ``model`` after each batch the stream of ``resolve_objective``
-        hands out runs ``self.forward(model, inputs)``: today's ``calibrate`` scores ``model(images)`` (a task
-        model, or a host whose ``forward_images`` calls the model, as timm's). Every other call (the targets'
-        forward, calls from inside ``self.forward``) runs the model's own forward."""
-        own = type(model).forward.__get__(model)
-
-        def scored(*args, **kwargs):
-            if not self.scored_call_next:
-                return own(*args, **kwargs)
-            self.scored_call_next = False
-            return self.forward(model, *args, **kwargs)
-
-        model.forward = scored
-        try:
-            yield model
-        finally:
-            del model.forward
-            self.scored_call_next = False
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -135,8 +110,9 @@ class Labels(Objective):
 
     def check(self, view):
         if view.logits is None:
-            raise ValueError("objective: 'labels' needs a model with a classifier head or a task model (Segmenter);"
-                             " for a head-less model pass loss_fn or a label-free objective")
+            raise ValueError("objective: 'labels' (the default for (images, targets) batches) needs a model with a "
+                             "classifier head or a task model (Segmenter); this model has none: pass images alone "
+                             "(the label-free default), a label-free objective, or loss_fn")
         self.labelled_loss = view.labelled_loss
 
     def loss(self, outputs, targets):

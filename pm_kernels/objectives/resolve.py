@@ -134,7 +134,6 @@ def resolve_objective(model, batches: Iterable, objective: Union[None, str, Obje
             with _dense_eval(model):
                 targets = chosen.targets(view, images, given)
             inputs = chosen.inputs(view, images)
-            chosen.scored_call_next = True
             yield inputs, targets
 
     return chosen, scoring()

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import torch
 
 from . import host
-from .data import cycle_batches, make_loader
+from .data import cycle_batches, is_unlabelled_folder, make_loader, unlabelled_images
 from .io import PipelineError, PipelineWarning, load_scores, remove_record, save_checkpoint, save_json, save_scores
 from .outputs import companion_json
 from .tasks import get_task
@@ -190,22 +190,36 @@ def cmd_calibrate(args, device) -> None:
 
     from ..calibrate import calibrate
     task = get_task(args.task)
-    model, meta, data = model_and_data(args, args.checkpoint)
+    unlabelled = is_unlabelled_folder(args.data)
+    if unlabelled:  # images without classes: a given model, scored by a label-free objective
+        if args.checkpoint is None:
+            raise PipelineError("checkpoint: a folder of images without class sub-folders calibrates a trained "
+                                "model: give --checkpoint")
+        model, meta = load_for(args, args.checkpoint)
+        channels, size, _ = host.input_shape(model)
+        train = unlabelled_images(args.data, img_size=size, in_chans=channels)
+    else:
+        model, meta, data = model_and_data(args, args.checkpoint)
+        train = data.train
     _refuse_compressed(model, args.checkpoint, "calibrate")
     _check_batch_fits(args, model, device)  # calibration differentiates through the model as training does
     model.to(device)
-    loader = make_loader(data.train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
+    loader = make_loader(train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
     batches = tqdm(cycle_batches(loader, args.iters), total=args.iters, desc="calibrate", disable=args.quiet,
                    leave=False)
+    objective = args.objective
+    labelled = not unlabelled and objective in (None, "labels")
     t = time.perf_counter()
     with library_errors("calibrate"):
-        scores = calibrate(model, ((x.to(device), y.to(device)) for x, y in batches))
+        scores = calibrate(model, ((x.to(device), y.to(device)) if labelled else x.to(device) for x, y in batches),
+                           objective=objective)
     if not bool(torch.isfinite(scores).all()):  # NaN in the images or the loss: no ranking can come of it
         raise PipelineError("calibrate: the scores are not finite (NaN or inf in the images, or an empty batch); "
                             "nothing written")
     info = dict(task=task.name, model=meta["model"], model_kwargs=meta["model_kwargs"],
                 depth=len(host.layers(model)), num_patches=host.num_patches(model), iters=args.iters,
-                batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint)
+                batch_size=args.batch_size, data=args.data, checkpoint=args.checkpoint,
+                objective=objective or ("labels" if labelled else "default without labels"))
     remove_record(companion_json(args.out))
     save_scores(scores, args.out, info)
     save_json({"command": "calibrate", "task": task.name, "args": _args_dict(args), "shape": list(scores.shape),

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .io import PipelineError, PipelineWarning
 
-__all__ = ["DataBundle", "load_data", "make_loader", "DIGITS"]
+__all__ = ["DataBundle", "load_data", "make_loader", "DIGITS", "is_unlabelled_folder", "unlabelled_images"]
 
 DIGITS = "digits"
 DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
@@ -204,6 +204,38 @@ def image_folder(root: str, img_size: int = 224, mean=None, std=None, interpolat
         _check_readable(split)
     return DataBundle(root, train, test, num_classes=len(classes), in_chans=3, img_size=img_size, mean=mean,
                       std=std, allows_mixup=True, sets_model_size=False)
+
+
+def is_unlabelled_folder(spec: str) -> bool:
+    """A folder with image files at its top level: images without classes (an ImageFolder keeps its images in
+    class sub-folders), e.g. for calibration without labels."""
+    if spec == DIGITS or not os.path.isdir(spec):
+        return False
+    with os.scandir(spec) as entries:
+        return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+
+
+def unlabelled_images(root: str, img_size: int, in_chans: int = 3, mean=None, std=None,
+                      crop_pct: float = 0.875) -> Dataset:
+    """Every image under ``root`` (sub-folders included), read with timm's evaluation transform (resize, centre
+    crop to ``img_size``, normalise with ``mean``/``std``, ImageNet's by default); items are (image, a
+    sub-folder index nobody should read).
+    Unreadable images are skipped with a ``warning:`` as for an ImageFolder."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+
+    if in_chans != 3:
+        raise PipelineError(f"data {root}: a folder of images is read as RGB, the model takes {in_chans} channels")
+    transform = create_transform(input_size=(3, img_size, img_size), is_training=False, crop_pct=crop_pct,
+                                 mean=tuple(mean or IMAGENET_DEFAULT_MEAN), std=tuple(std or IMAGENET_DEFAULT_STD),
+                                 interpolation="bicubic")
+    try:
+        dataset = ImageDataset(root, transform=transform)
+    except Exception as err:
+        raise PipelineError(f"data {root}: cannot be read as a folder of images ({str(err).splitlines()[0][:160]})") \
+            from None
+    split = ImageFolderSplit(dataset, root)
+    _check_readable(split)
+    return split
 
 
 def load_data(spec: str, seed: int = 0, img_size: Optional[int] = None, **kwargs) -> DataBundle:

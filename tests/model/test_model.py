@@ -297,8 +297,10 @@ def test_calibrate_rejects_wrong_models_and_batches():
     dense = pm_kernels.patch_timm(tiny_vit())
     with pytest.raises(ValueError, match="batches"):
         pm_kernels.calibrate(dense, [])
-    with pytest.raises(TypeError, match="batches"):
-        pm_kernels.calibrate(dense, [torch.randn(2, 3, 16, 16)])
+    with pytest.raises(TypeError, match="batches: batch 0: expected images .* got a 3-tuple"):
+        pm_kernels.calibrate(dense, [(torch.randn(2, 3, 16, 16),) * 3])
+    scores = pm_kernels.calibrate(dense, [torch.randn(2, 3, 16, 16)])  # images alone: the head's pseudo-labels
+    assert scores.shape == (3, 16) and torch.isfinite(scores).all()
     batch = (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="same image size"):
         pm_kernels.calibrate(pm_kernels.patch_timm(tiny_vit(dynamic_img_size=True)),

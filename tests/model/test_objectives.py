@@ -38,10 +38,7 @@ def image_batches(n=3, batch=8, size=16, chans=3, seed=1):
 
 
 def score(model, batches, objective=None, loss_fn=None):
-    """The objective through today's calibrate (what the new calibrate will do with ``objective=``)."""
-    objective, scoring = resolve_objective(model, batches, objective, loss_fn)
-    with objective.scored_as_call(model):
-        return calibrate(model, scoring, loss_fn=objective.loss)
+    return calibrate(model, batches, loss_fn=loss_fn, objective=objective)
 
 
 def num_patches(model):
@@ -66,7 +63,8 @@ def test_image_only_batches_give_finite_float32_scores(name, form):
     assert scores.dtype == torch.float32 and scores.shape == (blocks, num_patches(model))
     assert torch.isfinite(scores).all()
     assert (scores.sum(dim=1) > 0).all(), "a label-free objective must give a non-zero gradient in every layer"
-    assert "forward" not in vars(model), "scored_as_call left its forward on the model"
+    assert all(block.attn.score_accumulator is None for block in
+               (model.backbone if isinstance(model, Segmenter) else model).blocks), "calibrate left its hooks"
 
 
 @pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"labels"}))
@@ -307,18 +305,15 @@ def test_not_a_vit_is_refused():
         resolve_objective(torch.nn.Linear(3, 3), image_batches())
 
 
-def test_scored_as_call_restores_the_model_on_error():
-    model = tiny_vit()
+def test_calibrate_restores_the_model_on_error():
+    model = tiny_vit().train()
 
     class Boom(Objective):
         def forward(self, model, inputs):
             raise RuntimeError("boom")
 
-    boom = Boom()
     with pytest.raises(RuntimeError, match="boom"):
-        with boom.scored_as_call(model):
-            assert model(image_batches(n=1)[0]).shape == (8, 32)  # not armed: the model's own forward
-            boom.scored_call_next = True
-            model(image_batches(n=1)[0])
-    assert "forward" not in vars(model) and not boom.scored_call_next
-    assert model(image_batches(n=1)[0]).shape == (8, 32)
+        calibrate(model, image_batches(), objective=Boom())
+    assert model.training and all(block.attn.score_accumulator is None for block in model.blocks)
+    before = calibrate(model, image_batches(), objective="feature_norm")  # hooks removed: scoring runs again
+    assert torch.isfinite(before).all() and model.training

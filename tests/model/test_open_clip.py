@@ -248,8 +248,10 @@ def test_unsupported_towers_are_refused_by_name(make, match):
 
 
 def test_what_a_tower_cannot_do_is_refused():
-    with pytest.raises(TypeError, match="loss_fn: an open_clip image tower returns image embeddings"):
-        pm_kernels.calibrate(build("clip"), [(data(), None)])
+    with pytest.raises(ValueError, match=r"objective: 'labels' \(the default for \(images, targets\) batches\) needs"):
+        pm_kernels.calibrate(build("clip"), [(data(), torch.tensor([0, 1]))])
+    scores = pm_kernels.calibrate(build("clip"), [data(batch=16)])  # images alone: k-means of the embedding
+    assert torch.isfinite(scores).all() and (scores.sum(dim=1) > 0).all()
     dropping = CLIP(16, CLIPVisionCfg(**VISION, patch_dropout=0.5), TEXT)
     with pytest.raises(ValueError, match=r"patch dropout \(patch_dropout=0.5\)"):
         pm_kernels.compress(dropping, torch.rand(3, N_PATCHES) + 0.1)

@@ -416,8 +416,10 @@ def test_what_a_compressed_or_optimized_model_cannot_return_is_refused():
     fast = pm_kernels.optimize(pm)
     with pytest.raises(ValueError, match=r"output_hidden_states: the pm_kernels.optimize form of ViTModel folds"):
         fast(pixel_values=images, output_hidden_states=True)
-    with pytest.raises(TypeError, match=r"loss_fn: this model returns no class logits \(last_hidden_state"):
+    with pytest.raises(ValueError, match=r"objective: 'labels' \(the default for \(images, targets\) batches\) needs"):
         pm_kernels.calibrate(build("dinov2_reg"), [data()])
+    scores = pm_kernels.calibrate(build("dinov2_reg"), [data(batch=16)[0]])  # images alone: k-means
+    assert torch.isfinite(scores).all() and (scores.sum(dim=1) > 0).all()
 
 
 def test_a_compressed_dinov2_refuses_another_grid_with_the_same_token_count():
