@@ -1,5 +1,7 @@
-"""The model families the pipeline builds, and what a checkpoint may say about them: one table, ``FAMILIES``.
+"""The model families the command line builds, and what a checkpoint may say about them.
 
+``FAMILIES`` is a view of the timm host's one model table (``pm_kernels.hosts.timm.model.FAMILIES``): one
+``Family`` per group of names a checkpoint may give (``CheckpointNames`` of a row), with that row's arguments.
 A checkpoint's ``pm_meta`` is data from a file; none of it reaches a constructor unchecked:
 - ``model`` must be a name that a family covers (``Family.patterns``);
 - ``model_kwargs`` may hold only that family's arguments (``Family.args``), each of an accepted type and range;
@@ -9,45 +11,26 @@ A checkpoint's ``pm_meta`` is data from a file; none of it reaches a constructor
 So the model is built from what the weights say: a small file cannot ask for a large model, and no key such as
 ``checkpoint_path`` or ``pretrained`` can make the constructor open another file or the network.
 
-A new family is one ``Family`` entry: the names it covers, its accepted arguments (with a reader for each
-argument its weights determine), a builder and the defaults of its own architectures. The table covers every
-task: a segmentation model's backbone (``digits_seg_vit`` or a timm ViT) is built and checked through it as a
-classifier is.
+A new family, or new names of one, is a row (or ``CheckpointNames``) of the timm host's table, not a change
+here. The table covers every task: a segmentation model's backbone (``digits_seg_vit`` or a timm ViT) is built
+and checked through it as a classifier is. (transformers model folders: ``pipeline/hf.py`` and the transformers
+host's own table.)
 """
 import fnmatch
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..hosts.timm.families import (DIGITS_SEG_VIT, DIGITS_SEG_VIT_KWARGS, DIGITS_VIT, DIGITS_VIT_KWARGS, VIT_ARGS,
+                                   Arg, CheckpointNames)
+from ..hosts.timm.model import FAMILIES as TIMM_FAMILIES
 from .io import PipelineError
 
 __all__ = ["Arg", "Family", "FAMILIES", "DIGITS_VIT", "DIGITS_VIT_KWARGS", "DIGITS_SEG_VIT", "DIGITS_SEG_VIT_KWARGS",
-           "find_family", "resolve_kwargs", "recorded_kwargs"]
+           "VIT_ARGS", "find_family", "resolve_kwargs", "recorded_kwargs"]
 
 StateDict = Dict[str, torch.Tensor]
-
-DIGITS_VIT = "digits_vit"
-# 32×32 grey digits, 4×4 patches → 64 patches + CLS.
-DIGITS_VIT_KWARGS = dict(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-                         num_heads=4, mlp_ratio=2.0)
-DIGITS_SEG_VIT = "digits_seg_vit"
-# The segmentation demo's backbone: the same grid, 2 heads, no classifier head (the Segmenter's decoder is).
-DIGITS_SEG_VIT_KWARGS = dict(DIGITS_VIT_KWARGS, num_classes=0, num_heads=2)
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One accepted constructor argument: ``valid(value)`` says whether a value is acceptable (``expected``
-    in words); ``read(state_dict)``, where the weights determine it, returns the value they imply; else
-    ``of_model(model)`` returns the value a built model has, to be recorded in the checkpoints it is saved to
-    (the weights cannot tell it later)."""
-    valid: Callable[[Any], bool]
-    expected: str
-    read: Optional[Callable[[StateDict], Any]] = None
-    of_model: Optional[Callable[[torch.nn.Module], Any]] = None
 
 
 @dataclass(frozen=True)
@@ -71,91 +54,9 @@ class Family:
                 and not any(fnmatch.fnmatchcase(model, p) for p in self.exclude))
 
 
-# ---------------------------------------------------------------- value checks
-
-def _int(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-def _number(low: float, high: float) -> Callable[[Any], bool]:
-    """A finite number in (low, high]."""
-    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                      and low < v <= high)
-
-
-def _bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-# ---------------------------------------------------------------- timm VisionTransformer: read from the weights
-
-def _tensor(sd: StateDict, key: str, ndim: int) -> torch.Tensor:
-    t = sd.get(key)
-    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
-        raise ValueError(f"no {ndim}-D tensor {key!r}")
-    return t
-
-
-def _patch_weight(sd: StateDict) -> torch.Tensor:
-    w = _tensor(sd, "patch_embed.proj.weight", 4)
-    if w.shape[2] != w.shape[3]:
-        raise ValueError(f"patch_embed.proj.weight {tuple(w.shape)}: expected square patches")
-    return w
-
-
-def _vit_depth(sd: StateDict) -> int:
-    found = {int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m}
-    if not found or found != set(range(len(found))):
-        raise ValueError("expected blocks numbered 0 .. L-1")
-    return len(found)
-
-
-def _vit_img_size(sd: StateDict) -> int:
-    positions = _tensor(sd, "pos_embed", 3).shape[1] - 1  # one CLS token
-    grid = math.isqrt(max(positions, 0))
-    if positions < 1 or grid * grid != positions:
-        raise ValueError(f"pos_embed: {positions + 1} positions, expected 1 + a square patch grid")
-    return grid * int(_patch_weight(sd).shape[2])
-
-
-def _vit_classes(sd: StateDict) -> int:
-    return int(_tensor(sd, "head.weight", 2).shape[0]) if "head.weight" in sd else 0
-
-
-def _vit_mlp_ratio(sd: StateDict) -> float:
-    return int(_tensor(sd, "blocks.0.mlp.fc1.weight", 2).shape[0]) / int(_patch_weight(sd).shape[0])
-
-
-def _model_heads(model: torch.nn.Module) -> int:
-    from .host import num_heads  # the model's host knows its heads
-    return num_heads(model)
-
-
-def _heads_divide_width(kwargs: Dict[str, Any]) -> Optional[str]:
-    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
-    if dim is not None and heads is not None and dim % heads:
-        return f"num_heads {heads} does not divide embed_dim {dim}"
-    return None
-
-
-VIT_ARGS: Dict[str, Arg] = {
-    "img_size": Arg(_int(1, 8192), "an int in [1, 8192]", _vit_img_size),
-    "patch_size": Arg(_int(1, 1024), "an int in [1, 1024]", lambda sd: int(_patch_weight(sd).shape[2])),
-    "in_chans": Arg(_int(1, 64), "an int in [1, 64]", lambda sd: int(_patch_weight(sd).shape[1])),
-    "num_classes": Arg(_int(0, 1_000_000), "an int in [0, 1000000]", _vit_classes),
-    "embed_dim": Arg(_int(1, 16384), "an int in [1, 16384]", lambda sd: int(_patch_weight(sd).shape[0])),
-    "depth": Arg(_int(1, 1024), "an int in [1, 1024]", _vit_depth),
-    "num_heads": Arg(_int(1, 1024), "an int in [1, 1024]",  # the weights do not tell: checked against embed_dim
-                     of_model=lambda m: _model_heads(m)),
-    "mlp_ratio": Arg(_number(0, 64), "a number in (0, 64]", _vit_mlp_ratio),
-    "qkv_bias": Arg(_bool, "true or false", lambda sd: "blocks.0.attn.qkv.bias" in sd),
-}
-
-
-def _build_demo_vit(defaults: Mapping[str, Any]) -> Callable[[str, Dict[str, Any]], torch.nn.Module]:
+def _build_own(pm_class: type, defaults: Mapping[str, Any]) -> Callable[[str, Dict[str, Any]], torch.nn.Module]:
     def build(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
-        from ..hosts.timm import PMVisionTransformer
-        return PMVisionTransformer(**dict(defaults, **kwargs))
+        return pm_class(**dict(defaults, **kwargs))
     return build
 
 
@@ -167,14 +68,13 @@ def _build_timm(name: str, kwargs: Dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-FAMILIES: Tuple[Family, ...] = (
-    Family("the digits demo ViT", (DIGITS_VIT,), VIT_ARGS, _build_demo_vit(DIGITS_VIT_KWARGS),
-           check=_heads_divide_width, defaults=DIGITS_VIT_KWARGS),
-    Family("the digits segmentation demo's backbone ViT", (DIGITS_SEG_VIT,), VIT_ARGS,
-           _build_demo_vit(DIGITS_SEG_VIT_KWARGS), check=_heads_divide_width, defaults=DIGITS_SEG_VIT_KWARGS),
-    Family("timm ViT/DeiT (one CLS token, pre-norm blocks)", ("vit_*", "deit_*", "pm_deit_*"), VIT_ARGS,
-           _build_timm, exclude=("*distilled*",), check=_heads_divide_width),
-)
+def _family(row, names: CheckpointNames) -> Family:
+    build = _build_own(row.pm_class, names.defaults) if names.defaults else _build_timm
+    return Family(names.name, names.patterns, row.args, build, exclude=names.exclude, check=row.check,
+                  defaults=names.defaults)
+
+
+FAMILIES: Tuple[Family, ...] = tuple(_family(row, names) for row in TIMM_FAMILIES for names in row.checkpoint_names)
 
 
 def find_family(model: Any) -> Family:

@@ -32,7 +32,7 @@ class TimmHost(Host):
         return family_of(model) is not None
 
     def explain_unsupported(self, model: nn.Module) -> str:
-        names = ", ".join(base.__name__ for base in FAMILIES)
+        names = ", ".join(family.base.__name__ for family in FAMILIES)
         return (f"{type(model).__name__} is not a timm model pm_kernels supports: expected a timm {names} (DeiT, "
                 "ViT, DINOv2, CLIP, EVA, ...)")
 

@@ -6,23 +6,29 @@ block its family's PM block and each attention its PM attention. The identity st
 model: outputs equal the model's). State-dict keys stay timm's, plus ``blocks.i.M / .R / .keep_mask`` (and
 ``.centre_index`` for EVA) where a block has a structure.
 
-Families (``FAMILIES``): timm ``VisionTransformer`` and its subclasses (DeiT, distilled DeiT, ViT with
+Families (``FAMILIES``, the timm host's one model table: patching, ``pm_*`` registry entries, checkpoint names and
+arguments; ``families``): timm ``VisionTransformer`` and its subclasses (DeiT, distilled DeiT, ViT with
 registers, DINOv2, CLIP, global-average-pool ViTs: any number of prefix tokens) and ``Eva`` (EVA, EVA-02).
 """
 import warnings
+from functools import partial
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from timm.layers import Attention
+from timm.layers import Attention, LayerNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
 from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
 from ...layers import PMAttentionMixin, PMBlockMixin, PMBlocks, _fx_symbolic_tracing, _no_mask
 from ...structure import LayerStructure
 from ..base import check_grid_matches, structure_grid
 from .eva import PMEvaAttention, PMEvaBlock
+from .families import (DIGITS_SEG_VIT, DIGITS_SEG_VIT_KWARGS, DIGITS_VIT, DIGITS_VIT_KWARGS, VIT_ARGS, CheckpointNames,
+                       Registered, TimmFamily, heads_divide_width)
 
 torch.fx.wrap("_no_mask")  # FX records the mask check as a call (see pm_kernels.layers)
 
@@ -145,18 +151,74 @@ class PMEva(PMEvaMixin, Eva):
         patch_timm(self)
 
 
-# One row per family: timm model class → (PM model mixin, {timm block class: (PM block, timm attn, PM attn)}).
-FAMILIES: Dict[type, Tuple[type, Dict[type, Tuple[type, type, type]]]] = {
-    VisionTransformer: (PMVisionTransformerMixin, {Block: (PMBlock, Attention, PMAttention)}),
-    Eva: (PMEvaMixin, {EvaBlock: (PMEvaBlock, EvaAttention, PMEvaAttention)}),
-}
-_PM_CLASSES: Dict[type, type] = {VisionTransformer: PMVisionTransformer, VisionTransformerDistilled:
-                                  PMVisionTransformerDistilled, Eva: PMEva}
+# ------------------------------------------------------------------------------------------ the one model table
+
+_DEIT_FILTER = partial(vit_checkpoint_filter, adapt_layer_scale=True)
+_EVA02 = dict(patch_size=14, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
 
 
-def family_of(model) -> Optional[Tuple[type, Dict[type, Tuple[type, type, type]]]]:
-    for base, family in FAMILIES.items():
-        if isinstance(model, base):
+def _deit(size: str, dim: int, heads: int, distilled: bool = False) -> Tuple[str, Registered]:
+    base = f"deit_{size}_{'distilled_' if distilled else ''}patch16_224"
+    cls = PMVisionTransformerDistilled if distilled else PMVisionTransformer
+    return f"pm_{base}", Registered(base, cls, _DEIT_FILTER, dict(patch_size=16, embed_dim=dim, depth=12,
+                                                                  num_heads=heads))
+
+
+def _vit(base: str, **args) -> Tuple[str, Registered]:
+    return f"pm_{base}", Registered(base, PMVisionTransformer, vit_checkpoint_filter, args)
+
+
+def _eva02(base: str, **args) -> Tuple[str, Registered]:
+    return f"pm_{base}", Registered(base, PMEva, eva_checkpoint_filter, dict(_EVA02, img_size=224, **args))
+
+
+_DINOV2 = dict(patch_size=14, depth=12, init_values=1e-5)
+
+# Every timm family pm_kernels supports, and everything it knows about each (``families.TimmFamily``): how it is
+# patched, its pm_* timm registry entries, the names and arguments a checkpoint may give the command line.
+FAMILIES: Tuple[TimmFamily, ...] = (
+    TimmFamily(
+        base=VisionTransformer, mixin=PMVisionTransformerMixin, pm_class=PMVisionTransformer,
+        blocks={Block: (PMBlock, Attention, PMAttention)},
+        registered=dict([
+            _deit("tiny", 192, 3), _deit("small", 384, 6), _deit("base", 768, 12),
+            _deit("tiny", 192, 3, distilled=True), _deit("small", 384, 6, distilled=True),
+            _deit("base", 768, 12, distilled=True),
+            _vit("vit_small_patch14_dinov2", embed_dim=384, num_heads=6, **_DINOV2),
+            _vit("vit_small_patch14_reg4_dinov2", embed_dim=384, num_heads=6, reg_tokens=4, no_embed_class=True,
+                 **_DINOV2),
+            _vit("vit_base_patch14_reg4_dinov2", embed_dim=768, num_heads=12, reg_tokens=4, no_embed_class=True,
+                 **_DINOV2),
+            _vit("vit_base_patch16_clip_224", patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True,
+                 norm_layer=partial(LayerNorm, eps=1e-5)),
+            _vit("vit_medium_patch16_gap_256", patch_size=16, embed_dim=512, depth=12, num_heads=8,
+                 class_token=False, global_pool="avg", qkv_bias=False, init_values=1e-6, fc_norm=False),
+            _vit("vit_little_patch16_reg1_gap_256", patch_size=16, embed_dim=320, depth=14, num_heads=5,
+                 init_values=1e-5, mlp_ratio=5.6, class_token=False, no_embed_class=True, reg_tokens=1,
+                 global_pool="avg"),
+        ]),
+        checkpoint_names=(
+            CheckpointNames("the digits demo ViT", (DIGITS_VIT,), defaults=DIGITS_VIT_KWARGS),
+            CheckpointNames("the digits segmentation demo's backbone ViT", (DIGITS_SEG_VIT,),
+                            defaults=DIGITS_SEG_VIT_KWARGS),
+            CheckpointNames("timm ViT/DeiT (one CLS token, pre-norm blocks)", ("vit_*", "deit_*", "pm_deit_*"),
+                            exclude=("*distilled*",)),
+        ),
+        args=VIT_ARGS, check=heads_divide_width),
+    TimmFamily(
+        base=Eva, mixin=PMEvaMixin, pm_class=PMEva,
+        blocks={EvaBlock: (PMEvaBlock, EvaAttention, PMEvaAttention)},
+        registered=dict([_eva02("eva02_tiny_patch14_224", embed_dim=192, depth=12, num_heads=3),
+                         _eva02("eva02_small_patch14_224", embed_dim=384, depth=12, num_heads=6)])),
+)
+_PM_CLASSES: Dict[type, type] = {VisionTransformerDistilled: PMVisionTransformerDistilled,
+                                 **{family.base: family.pm_class for family in FAMILIES}}
+
+
+def family_of(model) -> Optional[TimmFamily]:
+    """The row of ``FAMILIES`` whose timm class ``model`` is an instance of (None: no timm family)."""
+    for family in FAMILIES:
+        if isinstance(model, family.base):
             return family
     return None
 
@@ -208,10 +270,10 @@ def patch_timm(model, structure: Optional[Sequence[LayerStructure]] = None,
     if not is_patched(model):
         family = family_of(model)
         if family is None:
-            names = ", ".join(base.__name__ for base in FAMILIES)
+            names = ", ".join(f.base.__name__ for f in FAMILIES)
             raise TypeError(f"model: expected a timm {names} (DeiT, ViT, DINOv2, CLIP, EVA, ...), "
                             f"got {type(model).__name__}")
-        mixin, blocks_table = family
+        mixin, blocks_table = family.mixin, family.blocks
         _check_supported(model, blocks_table)
         for blk in model.blocks:
             pm_block, _, pm_attn = blocks_table[type(blk)]

@@ -7,59 +7,17 @@ pretrained_cfg_overlay=dict(file=...)``. A PM checkpoint brings its own structur
 dense timm checkpoint of the base model loads as the identity structure.
 """
 import sys
-from functools import partial
-from typing import Callable, Dict, Tuple
+from typing import Dict
 
-from timm.layers import LayerNorm
 from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model
-from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
-from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
-from .model import PMEva, PMVisionTransformer, PMVisionTransformerDistilled
+from .families import Registered
+from .model import FAMILIES, PMEva, PMVisionTransformer, PMVisionTransformerDistilled
 
 __all__ = ["PM_MODELS", "PMVisionTransformer", "PMVisionTransformerDistilled", "PMEva"]
 
-_DEIT_FILTER = partial(vit_checkpoint_filter, adapt_layer_scale=True)
-_EVA02 = dict(patch_size=14, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
-
-# pm name → (timm base model, PM class, checkpoint filter, the base's model arguments as timm 1.0 gives them)
-PM_MODELS: Dict[str, Tuple[str, type, Callable, dict]] = {
-    "pm_deit_tiny_patch16_224": ("deit_tiny_patch16_224", PMVisionTransformer, _DEIT_FILTER,
-                                 dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
-    "pm_deit_small_patch16_224": ("deit_small_patch16_224", PMVisionTransformer, _DEIT_FILTER,
-                                  dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
-    "pm_deit_base_patch16_224": ("deit_base_patch16_224", PMVisionTransformer, _DEIT_FILTER,
-                                 dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
-    "pm_deit_tiny_distilled_patch16_224": ("deit_tiny_distilled_patch16_224", PMVisionTransformerDistilled,
-                                           _DEIT_FILTER, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
-    "pm_deit_small_distilled_patch16_224": ("deit_small_distilled_patch16_224", PMVisionTransformerDistilled,
-                                            _DEIT_FILTER, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
-    "pm_deit_base_distilled_patch16_224": ("deit_base_distilled_patch16_224", PMVisionTransformerDistilled,
-                                           _DEIT_FILTER, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
-    "pm_vit_small_patch14_dinov2": ("vit_small_patch14_dinov2", PMVisionTransformer, vit_checkpoint_filter,
-                                    dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5)),
-    "pm_vit_small_patch14_reg4_dinov2": ("vit_small_patch14_reg4_dinov2", PMVisionTransformer, vit_checkpoint_filter,
-                                         dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5,
-                                              reg_tokens=4, no_embed_class=True)),
-    "pm_vit_base_patch14_reg4_dinov2": ("vit_base_patch14_reg4_dinov2", PMVisionTransformer, vit_checkpoint_filter,
-                                        dict(patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5,
-                                             reg_tokens=4, no_embed_class=True)),
-    "pm_vit_base_patch16_clip_224": ("vit_base_patch16_clip_224", PMVisionTransformer, vit_checkpoint_filter,
-                                     dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True,
-                                          norm_layer=partial(LayerNorm, eps=1e-5))),
-    "pm_vit_medium_patch16_gap_256": ("vit_medium_patch16_gap_256", PMVisionTransformer, vit_checkpoint_filter,
-                                      dict(patch_size=16, embed_dim=512, depth=12, num_heads=8, class_token=False,
-                                           global_pool="avg", qkv_bias=False, init_values=1e-6, fc_norm=False)),
-    "pm_vit_little_patch16_reg1_gap_256": ("vit_little_patch16_reg1_gap_256", PMVisionTransformer,
-                                           vit_checkpoint_filter,
-                                           dict(patch_size=16, embed_dim=320, depth=14, num_heads=5, init_values=1e-5,
-                                                mlp_ratio=5.6, class_token=False, no_embed_class=True, reg_tokens=1,
-                                                global_pool="avg")),
-    "pm_eva02_tiny_patch14_224": ("eva02_tiny_patch14_224", PMEva, eva_checkpoint_filter,
-                                  dict(_EVA02, img_size=224, embed_dim=192, depth=12, num_heads=3)),
-    "pm_eva02_small_patch14_224": ("eva02_small_patch14_224", PMEva, eva_checkpoint_filter,
-                                   dict(_EVA02, img_size=224, embed_dim=384, depth=12, num_heads=6)),
-}
+# pm name → (timm base model, PM class, checkpoint filter, the base's model arguments): the table's entries
+PM_MODELS: Dict[str, Registered] = {name: entry for family in FAMILIES for name, entry in family.registered.items()}
 
 
 def _default_cfg(base: str) -> dict:
