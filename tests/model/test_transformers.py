@@ -353,8 +353,13 @@ def test_state_dict_and_save_pretrained_round_trips(name, tmp_path):
     fresh = pm_kernels.patch(build(name, seed=1))
     fresh.load_state_dict(pm.state_dict())
     pm.save_pretrained(tmp_path)
-    back = from_pretrained(type(pm), tmp_path, dtype=torch.float64)
+    patterns = vars(type(pm)).get("_keys_to_ignore_on_load_unexpected", "unset")
+    back, info = from_pretrained(type(pm), tmp_path, dtype=torch.float64, output_loading_info=True)
     assert pm_kernels.is_patched(back)
+    # the structure is ours to load: transformers' report lists nothing (it called M, R unexpected), and the
+    # class's own patterns are left as they were
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    assert vars(type(pm)).get("_keys_to_ignore_on_load_unexpected", "unset") == patterns
     with torch.no_grad():
         want = run(name, pm, images)
         for model in (fresh, back):

@@ -3,9 +3,9 @@
 ``model.save_pretrained(folder)`` on a PM model writes its weights and its structure (``<layers>.i.M / .R /
 .keep_mask``, plain tensors of the state dict) to the folder's safetensors, under the library's checkpoint names
 (transformers 5 saves some models under their older key names, e.g. ``vit.encoder.layer.i`` for ``vit.layers.i``).
-The library's ``from_pretrained`` builds the dense model and reports those keys as unexpected; ``from_pretrained``
-here then patches the model and loads them into layer i of its layer list (i: the index their key ends with): a
-compressed model again, structure and fine-tuned M, R included.
+The library's ``from_pretrained`` builds the dense model (told to expect those keys, which it does not load);
+``from_pretrained`` here then patches the model and loads them into layer i of its layer list (i: the index
+their key ends with): a compressed model again, structure and fine-tuned M, R included.
 
 ``load_folder`` is the same for a folder given by a user who did not choose the class (the ``pm-kernels``
 command's ``--checkpoint``): the class comes from ``config.json``'s ``architectures`` and must be one this host
@@ -32,6 +32,8 @@ __all__ = ["from_pretrained", "load_folder", "build_from_config", "model_class",
 MAX_CONFIG_BYTES = 1 << 20  # a vision model's config.json is a few kB
 
 STRUCTURE_KEYS = ("M", "R", "keep_mask", "centre_slot")  # centre_slot: a SAM layer's (windowed structure)
+_STRUCTURE_PATTERN = r"\.(" + "|".join(STRUCTURE_KEYS) + r")$"
+_UNSET = object()
 
 
 def _structure_tensors(folder: str) -> Dict[str, torch.Tensor]:
@@ -63,7 +65,18 @@ def from_pretrained(model_class: type, folder, **kwargs) -> PreTrainedModel:
     folder = os.fspath(folder)
     structure = _structure_tensors(folder)
     kwargs.setdefault("local_files_only", True)
-    model = model_class.from_pretrained(folder, **kwargs)
+    # the structure tensors are read below, not by transformers: its load report would call them unexpected
+    # (``post_init`` copies the class's patterns into the instance, so the class is restored right after)
+    ignored = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+    model_class._keys_to_ignore_on_load_unexpected = [*(getattr(model_class, "_keys_to_ignore_on_load_unexpected",
+                                                                None) or []), _STRUCTURE_PATTERN]
+    try:
+        model = model_class.from_pretrained(folder, **kwargs)
+    finally:
+        if ignored is _UNSET:
+            del model_class._keys_to_ignore_on_load_unexpected
+        else:
+            model_class._keys_to_ignore_on_load_unexpected = ignored
     info = None
     if kwargs.get("output_loading_info"):
         model, info = model
