@@ -28,7 +28,7 @@ import timm
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # (anchor in timm's test_models.py, what is added right after it)
 EXTENSIONS = [
-    ("'twins', 'deit',", " 'models',"),                                  # FEAT_INTER_FILTERS: pm_kernels.models
+    ("'twins', 'deit',", " 'registry',"),           # FEAT_INTER_FILTERS: timm's module name of the pm_* entries
     ("'visformer*', 'deit*',", " 'pm_*',"),                              # NON_STD_FILTERS
     ("        'deit_*_distilled_patch16_224',\n", "        'pm_deit_*_distilled_patch16_224',\n"),  # FX + TorchScript
 ]
